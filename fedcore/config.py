@@ -1,0 +1,243 @@
+"""Configuration: pydantic models of an experiment and its inventory of workers, read from YAML.
+
+Every model is frozen and refuses unknown keys (`extra="forbid"`), so a typo is an error that
+names the field, not a silently ignored setting. `load_config` merges dotted overrides
+(`train.lr=0.05`) before validation so overrides are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+from .shards import ShardSpec
+from .strategies import StrategyConfig
+from .training import TrainPlan
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class TrainConfig(Strict):
+    """Local training per worker-round and the learning-rate schedule."""
+
+    steps: PositiveInt = 10  # minibatches per worker per round
+    batch_size: PositiveInt = 32
+    lr: Annotated[float, Field(gt=0)] = 0.1
+    lr_decay: Annotated[float, Field(gt=0, le=1)] = 1.0  # lr multiplied by this every round
+    lr_min: Annotated[float, Field(ge=0)] = 0.0  # floor of the decayed lr
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+    def lr_at(self, round: int) -> float:
+        """Learning rate of round `round` (1-based): lr * decay^(round-1), floored at lr_min."""
+        return max(self.lr * self.lr_decay ** (round - 1), self.lr_min)
+
+    def plan(self, round: int) -> TrainPlan:
+        return TrainPlan(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr_at(round),
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            label_smoothing=self.label_smoothing,
+        )
+
+
+class EvaluationConfig(Strict):
+    """When and how models are scored on the evaluator."""
+
+    rounds: list[PositiveInt] | None = None  # explicit rounds, e.g. [1, 11, 21, 31, 40]
+    every: PositiveInt | None = None  # or every k rounds (plus round 1 and the last)
+    groups: list[list[Annotated[int, Field(ge=0, le=9)]]] | None = None  # default: trainers' labels
+    workers: bool = True  # also score each worker's returned model, as the seed did
+
+    def due(self, round: int, total: int) -> bool:
+        if self.rounds is not None:
+            return round in self.rounds
+        if self.every is not None:
+            return round == 1 or round == total or round % self.every == 0
+        return round == total
+
+
+class IIDPart(Strict):
+    index: Annotated[int, Field(ge=0)]
+    count: PositiveInt
+    seed: int = 0
+
+
+class WorkerConfig(Strict):
+    """One worker of the inventory: its role, shard and how to reach it."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    role: Literal["trainer", "evaluator"] = "trainer"
+    transport: Literal["local"] = "local"
+    split: Literal["train", "test"] | None = None  # default: train for trainers, test for evaluators
+    labels: list[Annotated[int, Field(ge=0, le=9)]] | None = None
+    iid: IIDPart | None = None
+    data_dir: str | None = None  # default: the experiment's data_dir
+    threads: Annotated[int, Field(ge=0)] = 1  # torch threads; 0 = torch's default
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_shard_kind(self) -> WorkerConfig:
+        if self.labels is not None and self.iid is not None:
+            raise ValueError("give either labels or iid, not both")
+        if self.labels is not None and not self.labels:
+            raise ValueError("labels must name at least one digit")
+        if self.iid is not None and self.iid.index >= self.iid.count:
+            raise ValueError(f"iid.index {self.iid.index} must be below iid.count {self.iid.count}")
+        return self
+
+    def shard(self) -> ShardSpec:
+        split = self.split or ("test" if self.role == "evaluator" else "train")
+        if self.labels is not None:
+            return ShardSpec.by_labels(self.labels, split)
+        if self.iid is not None:
+            return ShardSpec.iid(self.iid.index, self.iid.count, self.iid.seed, split)
+        return ShardSpec(split=split)
+
+
+class TimeoutConfig(Strict):
+    """Deadlines, in seconds."""
+
+    start: Annotated[float, Field(gt=0)] = 180.0  # worker start until hello
+    train: Annotated[float, Field(gt=0)] = 300.0  # one train request
+    evaluate: Annotated[float, Field(gt=0)] = 600.0  # one evaluate request
+
+
+class TrackingConfig(Strict):
+    """Where the MLflow record goes (default: the SQLite store under FEDMNIST_HOME)."""
+
+    uri: str | None = None
+    experiment: str = "federated-mnist"
+
+
+class ExperimentConfig(Strict):
+    """A whole training: rounds, local training, strategy, evaluation, workers, record."""
+
+    name: str = "experiment"
+    seed: int = 1
+    rounds: PositiveInt = 40
+    train: TrainConfig = TrainConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    workers: list[WorkerConfig]
+    data_dir: str | None = None  # default: $FEDMNIST_HOME/data/mnist
+    timeouts: TimeoutConfig = TimeoutConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> ExperimentConfig:
+        names = [w.name for w in self.workers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"worker names must be unique, repeated: {dupes}")
+        if not self.trainers:
+            raise ValueError("at least one worker needs role: trainer")
+        if len(self.evaluators) > 1:
+            raise ValueError("at most one worker may have role: evaluator")
+        late = [r for r in (self.evaluation.rounds or []) if r > self.rounds]
+        if late:
+            raise ValueError(f"evaluation.rounds {late} lie after the last round {self.rounds}")
+        return self
+
+    @property
+    def trainers(self) -> list[WorkerConfig]:
+        return [w for w in self.workers if w.role == "trainer"]
+
+    @property
+    def evaluators(self) -> list[WorkerConfig]:
+        return [w for w in self.workers if w.role == "evaluator"]
+
+    def digit_groups(self) -> list[list[int]]:
+        """Groups whose prediction shares are reported: configured, else the trainers' labels."""
+        if self.evaluation.groups is not None:
+            return self.evaluation.groups
+        groups = [sorted(w.labels) for w in self.trainers if w.labels is not None]
+        return groups if len(groups) == len(self.trainers) else []
+
+    def config_hash(self) -> str:
+        """Short, stable hash of the validated configuration."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def fedmnist_home() -> Path:
+    """Where data, the MLflow store and checkpoints live: $FEDMNIST_HOME, else `.fedmnist`
+    in the source checkout this package runs from, else ~/.fedmnist."""
+    env = os.environ.get("FEDMNIST_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / ".fedmnist"
+    return Path.home() / ".fedmnist"
+
+
+def default_data_dir() -> Path:
+    return fedmnist_home() / "data" / "mnist"
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check its spelling; see configs/seed.yaml for the known ones)"
+        got = err.get("input")
+        shown = "" if err["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {where}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Validate a raw mapping; errors name each bad field."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read an experiment YAML file, apply dotted overrides, validate.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or a field is invalid (named in the message).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist (try configs/seed.yaml)")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of fields")
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    return parse_config(raw, str(p))

@@ -1,0 +1,33 @@
+"""FedAvg: the sample-weighted average of the workers' models.
+
+McMahan et al., 2017, "Communication-Efficient Learning of Deep Networks from Decentralized Data"
+(AISTATS): w_{t+1} = sum_k (n_k / n) w^k_{t+1}, n_k the examples worker k holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ..protocol import Update
+from .aggregate import weighted_mean
+from .base import Failure, Strategy, Weights
+
+
+class FedAvg(Strategy):
+    """Each valid update counts in proportion to the examples its worker holds."""
+
+    name = "fedavg"
+
+    def aggregate(
+        self,
+        round: int,
+        global_weights: Mapping[str, torch.Tensor],
+        updates: Sequence[Update],
+        failures: Sequence[Failure],
+    ) -> Weights:
+        return weighted_mean([u.weights for u in updates], [u.num_examples for u in updates])
+
+    def params(self) -> dict[str, object]:
+        return {"name": self.name, "weighting": "samples"}

@@ -1,0 +1,133 @@
+"""Local training: (weights, shard, plan, generator) -> (weights, metrics), nothing else.
+
+One round of a worker is `plan.steps` minibatches of `plan.batch_size` images drawn from a fresh
+permutation of its shard (the seed's shuffled loader, cut after `steps` batches), each a step of
+SGD. Optional pieces a strategy switches on through the plan: momentum and weight decay, label
+smoothing, a FedProx proximal term (Li et al., 2020) and a gradient correction (SCAFFOLD's c - c_i,
+Karimireddy et al., 2020). Runs on the device (Python 3.8, torch).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import WireError
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What one worker does in one round. Sent by the coordinator with every train request."""
+
+    steps: int = 10
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    prox_mu: float = 0.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> TrainPlan:
+        """Refuses unknown keys and wrong types (the plan comes from the network)."""
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise WireError(f"train plan has unknown fields {unknown}")
+        values: Dict[str, Any] = {}
+        for name, value in raw.items():
+            want = int if known[name] in ("int", int) else float
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise WireError(f"train plan field {name!r} must be a number, got {value!r}")
+            if want is int and not isinstance(value, int):
+                raise WireError(f"train plan field {name!r} must be an integer, got {value!r}")
+            values[name] = want(value)
+        plan = cls(**values)
+        if plan.steps < 1 or plan.batch_size < 1 or not plan.lr > 0:
+            raise WireError(f"train plan needs steps >= 1, batch_size >= 1, lr > 0: {plan}")
+        return plan
+
+
+@dataclass(frozen=True)
+class TrainMetrics:
+    """What a worker reports about one round of local training."""
+
+    loss: float
+    samples: int
+    steps: int
+    seconds: float
+
+
+def batch_indices(n: int, steps: int, batch_size: int, generator: torch.Generator):
+    """`steps` index batches from shuffled passes over `n` items (a new permutation per pass)."""
+    perm = torch.randperm(n, generator=generator)
+    pos = 0
+    for _ in range(steps):
+        if pos + batch_size > n and pos > 0:
+            perm, pos = torch.randperm(n, generator=generator), 0
+        yield perm[pos : pos + batch_size]
+        pos += batch_size
+
+
+def train_local(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    plan: TrainPlan,
+    generator: torch.Generator,
+    grad_correction: Optional[Mapping[str, torch.Tensor]] = None,
+) -> TrainMetrics:
+    """Train `model` in place for one round; return the mean training loss and counts.
+
+    Args:
+        model: the model holding the round's global weights, on the device the data is on.
+        images, labels: the worker's shard.
+        plan: steps, batch size, learning rate and the optional terms.
+        generator: seeded generator that fixes the minibatch order.
+        grad_correction: name -> tensor added to each parameter's gradient before a step.
+    """
+    start = time.perf_counter()
+    model.train()
+    params = dict(model.named_parameters())
+    anchor = (
+        {k: p.detach().clone() for k, p in params.items()} if plan.prox_mu > 0 else None
+    )
+    opt = torch.optim.SGD(
+        model.parameters(), lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay
+    )
+    total = torch.zeros((), dtype=torch.float64)
+    samples = 0
+    for idx in batch_indices(labels.numel(), plan.steps, plan.batch_size, generator):
+        idx = idx.to(images.device)
+        x, y = images.index_select(0, idx), labels.index_select(0, idx)
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        if plan.label_smoothing > 0:
+            loss = F.cross_entropy(out, y, label_smoothing=plan.label_smoothing)
+        else:
+            loss = F.nll_loss(out, y)
+        total += loss.detach().double().cpu() * y.numel()
+        if anchor is not None:
+            prox = sum(((p - anchor[k]) ** 2).sum() for k, p in params.items())
+            loss = loss + 0.5 * plan.prox_mu * prox
+        loss.backward()
+        if grad_correction is not None:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.grad.add_(grad_correction[k])
+        opt.step()
+        samples += int(y.numel())
+    return TrainMetrics(
+        loss=float(total / max(samples, 1)),
+        samples=samples,
+        steps=plan.steps,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,169 @@
+"""The worker program: `python -m fedcore.worker --name alice --data-dir DIR --shard JSON`.
+
+Runs on a device (a Jetson, or a local subprocess), owns one shard and loads only its images,
+then answers framed requests on stdin with framed replies on stdout until `bye` or end of input:
+hello, train, evaluate (see fedcore.protocol). One process serves a whole training, so Python
+and torch start once (DESIGN.md decision 2). Nothing received is executed or unpickled: frames are
+JSON plus safetensors. Logs go to stderr, which the coordinator shows line by line.
+
+Runs on the device's own Python (>= 3.8) with torch and the standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+from typing import BinaryIO, Dict, List, Optional
+
+import torch
+
+from . import protocol, wire
+from .errors import FedError, WireError
+from .evaluation import evaluate
+from .mnist import label_counts, load_shard
+from .model import build_model, weight_spec
+from .shards import ShardSpec
+from .training import train_local
+
+log = logging.getLogger("fedcore.worker")
+
+
+class Worker:
+    """A worker's state across rounds: its shard, its device and its model buffers."""
+
+    def __init__(self, name: str, data_dir: str, spec: ShardSpec, device: str) -> None:
+        self.name = name
+        self.spec = spec
+        self.device = device
+        images, labels = load_shard(data_dir, spec)
+        self.counts = label_counts(labels)
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.spec_weights = weight_spec()
+        self.model = build_model(
+            {k: torch.zeros(s, dtype=d) for k, (s, d) in self.spec_weights.items()}, device
+        )
+        log.info(
+            "%s holds %d images (%s) on %s", name, labels.numel(), spec.describe(), device
+        )
+
+    def hello(self) -> bytes:
+        return protocol.encode_hello(
+            protocol.Hello(
+                worker=self.name,
+                shard=self.spec.describe(),
+                label_counts=self.counts,
+                python=platform.python_version(),
+                torch=torch.__version__,
+                device=self.device,
+                threads=torch.get_num_threads(),
+                pid=os.getpid(),
+            )
+        )
+
+    def _load(self, weights: Dict[str, torch.Tensor], what: str) -> None:
+        wire.validate_tensors("coordinator", weights, self.spec_weights, what)
+        self.model.load_state_dict(weights)
+
+    def train(self, meta: wire.Meta, payload: bytes) -> bytes:
+        req = protocol.decode_train(meta, payload)
+        if req.extras:
+            raise WireError(f"unsupported tensor groups in train request: {sorted(req.extras)}")
+        self._load(req.weights, "global weights")
+        gen = torch.Generator().manual_seed(req.sample_seed)
+        metrics = train_local(self.model, self.images, self.labels, req.plan, gen)
+        weights = {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()}
+        log.info(
+            "round %d: %d steps, loss %.4f, %.2fs", req.round, metrics.steps, metrics.loss,
+            metrics.seconds,
+        )
+        return protocol.encode_update(
+            protocol.Update(self.name, req.round, weights, self.labels.numel(), metrics)
+        )
+
+    def evaluate(self, meta: wire.Meta, payload: bytes) -> bytes:
+        rnd, models, groups = protocol.decode_evaluate(meta, payload)
+        results = {}
+        for model_name, weights in models.items():
+            self._load(weights, f"weights of model {model_name!r}")
+            results[model_name] = evaluate(self.model, self.images, self.labels, groups)
+        log.info("round %d: evaluated %d models on %d images", rnd, len(models), self.labels.numel())
+        return protocol.encode_evaluation(results)
+
+
+def serve(worker: Worker, stdin: BinaryIO, stdout: BinaryIO, max_payload: int) -> int:
+    """Answer requests until bye or end of input; returns the exit code."""
+    read_exact = wire.stream_reader(stdin)
+    while True:
+        try:
+            meta, payload = wire.read_frame(read_exact, max_payload)
+        except EOFError:
+            log.info("coordinator closed the connection; exiting")
+            return 0
+        except WireError as exc:
+            # The stream is out of step: answer once, then stop rather than guess.
+            log.error("rejected a bad frame: %s", exc)
+            _send(stdout, protocol.encode_error("WireError", str(exc)))
+            return 2
+        kind = meta["type"]
+        try:
+            if kind == "hello":
+                reply = worker.hello()
+            elif kind == "train":
+                reply = worker.train(meta, payload)
+            elif kind == "evaluate":
+                reply = worker.evaluate(meta, payload)
+            elif kind == "bye":
+                _send(stdout, protocol.encode_simple("bye"))
+                return 0
+            else:
+                raise WireError(f"unknown request type {kind!r}")
+        except FedError as exc:
+            log.error("%s request failed: %s", kind, exc)
+            reply = protocol.encode_error(type(exc).__name__, str(exc))
+        _send(stdout, reply)
+
+
+def _send(stdout: BinaryIO, frame: bytes) -> None:
+    stdout.write(frame)
+    stdout.flush()
+
+
+def pick_device(choice: str) -> str:
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedcore.worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--name", required=True, help="worker name, e.g. alice")
+    parser.add_argument("--data-dir", required=True, help="folder with the MNIST idx files")
+    parser.add_argument("--shard", required=True, help="shard spec as JSON (fedcore.shards)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's own)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    parser.add_argument("--max-payload-mb", type=int, default=256, help="largest frame accepted (256)")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format=f"[{args.name}] %(message)s"
+    )
+    # stdout carries frames only: anything printed by accident goes to stderr instead.
+    stdout = sys.stdout.buffer
+    sys.stdout = sys.stderr
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        worker = Worker(args.name, args.data_dir, ShardSpec.from_json(args.shard), pick_device(args.device))
+    except FedError as exc:
+        log.error("cannot start: %s", exc)
+        _send(stdout, protocol.encode_error(type(exc).__name__, str(exc)))
+        return 3
+    return serve(worker, sys.stdin.buffer, stdout, args.max_payload_mb << 20)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
