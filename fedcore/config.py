@@ -135,6 +135,7 @@ class ExperimentConfig(Strict):
     strategy: StrategyConfig = StrategyConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     workers: list[WorkerConfig]
+    quorum: PositiveInt | None = None  # updates needed for a round to count; default: every trainer
     data_dir: str | None = None  # default: $FEDMNIST_HOME/data/mnist
     timeouts: TimeoutConfig = TimeoutConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -149,6 +150,8 @@ class ExperimentConfig(Strict):
             raise ValueError("at least one worker needs role: trainer")
         if len(self.evaluators) > 1:
             raise ValueError("at most one worker may have role: evaluator")
+        if self.quorum is not None and self.quorum > len(self.trainers):
+            raise ValueError(f"quorum {self.quorum} exceeds the {len(self.trainers)} trainers")
         late = [r for r in (self.evaluation.rounds or []) if r > self.rounds]
         if late:
             raise ValueError(f"evaluation.rounds {late} lie after the last round {self.rounds}")
@@ -168,6 +171,12 @@ class ExperimentConfig(Strict):
             return self.evaluation.groups
         groups = [sorted(w.labels) for w in self.trainers if w.labels is not None]
         return groups if len(groups) == len(self.trainers) else []
+
+    def required_updates(self) -> int:
+        return self.quorum or len(self.trainers)
+
+    def data_dir_for(self, worker: WorkerConfig) -> Path:
+        return Path(worker.data_dir or self.data_dir or default_data_dir()).expanduser()
 
     def config_hash(self) -> str:
         """Short, stable hash of the validated configuration."""

@@ -62,7 +62,7 @@ def evaluate(
     images: torch.Tensor,
     labels: torch.Tensor,
     groups: Sequence[Sequence[int]],
-    batch_size: int = 2000,
+    batch_size: int = 500,
 ) -> EvalResult:
     """Score `model` on (images, labels); `groups` are the digit groups to report shares for."""
     model.eval()

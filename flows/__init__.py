@@ -1,0 +1,8 @@
+"""Prefect flows of federated-mnist and the `fedmnist` command line."""
+
+import os
+
+# Before Prefect is imported: forward fedcore's and paramiko's logs into flow-run logs, and keep
+# the offline temporary server from logging telemetry errors (FIELD-NOTES).
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "fedcore,paramiko,tasks")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

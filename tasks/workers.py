@@ -1,0 +1,69 @@
+"""Tasks that talk to worker programs: start, train one round, evaluate.
+
+Each task wraps one `fedcore.session.WorkerSession` call. Sessions and tensors are passed by
+reference, never hashed or persisted (`NO_CACHE`, `persist_result=False`: a state dict as a cache
+key doubles a task's cost, FIELD-NOTES). Retries cover transient causes only: a worker that
+dropped or timed out is restarted and asked again; a rejected update or a worker's own error is
+not retried.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from fedcore.errors import WorkerUnreachable
+from fedcore.evaluation import EvalResult
+from fedcore.protocol import Hello, TrainRequest, Update
+from fedcore.session import WorkerSession
+
+TRANSIENT = (WorkerUnreachable,)  # includes WorkerTimeout
+
+
+def is_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only when the worker dropped or timed out."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, TRANSIENT)
+
+
+@task(name="start-worker", task_run_name="start-{session.name}", cache_policy=NO_CACHE,
+      persist_result=False, retries=1, retry_delay_seconds=2, retry_condition_fn=is_transient)
+def start_worker(session: WorkerSession, timeout: float) -> Hello:
+    """Start a worker program and wait for its hello (what it holds, what it runs on)."""
+    session.start()
+    return session.hello(timeout)
+
+
+@task(name="train", task_run_name="train-{worker}-r{round:02d}", cache_policy=NO_CACHE,
+      persist_result=False, retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=is_transient)
+def train_on_worker(
+    session: WorkerSession, worker: str, round: int, request: TrainRequest, timeout: float
+) -> Update:
+    """One round of local training on `worker`; returns its validated update."""
+    return session.train(request, timeout)
+
+
+@task(name="evaluate", task_run_name="evaluate-r{round:02d}", cache_policy=NO_CACHE,
+      persist_result=False, retries=1, retry_delay_seconds=2, retry_condition_fn=is_transient)
+def evaluate_models(
+    session: WorkerSession,
+    round: int,
+    models: Mapping[str, Mapping[str, torch.Tensor]],
+    groups: Sequence[Sequence[int]],
+    timeout: float,
+) -> dict[str, EvalResult]:
+    """Score every named model on the evaluator's test set."""
+    results = session.evaluate(round, models, groups, timeout)
+    get_run_logger().debug("round %d: evaluated %s", round, ", ".join(results))
+    return results
+
+
+@task(name="stop-workers", cache_policy=NO_CACHE, persist_result=False)
+def stop_workers(sessions: Sequence[WorkerSession]) -> None:
+    """Say bye to every worker program."""
+    for s in sessions:
+        s.close()
