@@ -65,6 +65,10 @@ class EvaluationConfig(Strict):
     workers: bool = True  # also score each worker's returned model, as the seed did
 
     def due(self, round: int, total: int) -> bool:
+        """Whether `round` of `total` is evaluated. The last round always is, so a training
+        shortened with `--rounds` still ends with a score; listed rounds past it are skipped."""
+        if round == total:
+            return True
         if self.rounds is not None:
             return round in self.rounds
         if self.every is not None:
@@ -152,9 +156,6 @@ class ExperimentConfig(Strict):
             raise ValueError("at most one worker may have role: evaluator")
         if self.quorum is not None and self.quorum > len(self.trainers):
             raise ValueError(f"quorum {self.quorum} exceeds the {len(self.trainers)} trainers")
-        late = [r for r in (self.evaluation.rounds or []) if r > self.rounds]
-        if late:
-            raise ValueError(f"evaluation.rounds {late} lie after the last round {self.rounds}")
         return self
 
     @property

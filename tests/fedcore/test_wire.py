@@ -1,0 +1,123 @@
+"""The wire format: frames and safetensors round trips, and rejection of bad input."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from fedcore import protocol, tensorcodec, wire
+from fedcore.errors import FrameTooLarge, UpdateRejected, WireError
+from fedcore.model import initial_weights, weight_spec
+from fedcore.training import TrainMetrics, TrainPlan
+
+
+def test_tensorcodec_bytes_equal_the_safetensors_package() -> None:
+    st = pytest.importorskip("safetensors.torch")
+    tensors = {
+        "b": torch.arange(6, dtype=torch.float32).view(2, 3),
+        "a": torch.tensor([1, 2, 3], dtype=torch.int64),
+        "c": torch.tensor([True, False]),
+        "h": torch.ones(3, dtype=torch.float16),
+    }
+    meta = {"round": "3", "strategy": "mean"}
+    ours = tensorcodec.dumps(tensors, meta)
+    assert ours == st.save(tensors, metadata=meta)
+    back, back_meta = tensorcodec.loads(st.save(tensors, metadata=meta))
+    assert back_meta == meta
+    for k, t in tensors.items():
+        assert torch.equal(back[k], t) and back[k].dtype == t.dtype
+
+
+def test_model_weights_round_trip_exactly() -> None:
+    w = initial_weights(1)
+    back, _ = tensorcodec.loads(tensorcodec.dumps(w))
+    assert set(back) == set(w)
+    assert all(torch.equal(back[k], w[k]) for k in w)
+
+
+def test_update_round_trip_through_a_frame() -> None:
+    w = initial_weights(2)
+    u = protocol.Update("alice", 7, w, 24754, TrainMetrics(0.25, 320, 10, 0.5))
+    meta, payload = wire.decode_frame(protocol.encode_update(u))
+    back = protocol.decode_update(meta, payload)
+    assert (back.worker, back.round, back.num_examples) == ("alice", 7, 24754)
+    assert back.metrics == u.metrics
+    assert all(torch.equal(back.weights[k], w[k]) for k in w)
+
+
+def test_train_request_round_trip_keeps_plan_and_extras() -> None:
+    w = initial_weights(3)
+    extras = {"control": {k: torch.zeros_like(v) for k, v in w.items()}}
+    req = protocol.TrainRequest(4, TrainPlan(lr=0.05, steps=3), 99, w, extras)
+    meta, payload = wire.decode_frame(protocol.encode_train(req))
+    back = protocol.decode_train(meta, payload)
+    assert back.plan == req.plan and back.sample_seed == 99 and back.round == 4
+    assert set(back.extras) == {"control"}
+
+
+@pytest.mark.parametrize("cut", [0, 5, 16, 40, -1])
+def test_truncated_frame_is_rejected(cut: int) -> None:
+    frame = protocol.encode_update(
+        protocol.Update("bob", 1, initial_weights(1), 10, TrainMetrics(1.0, 32, 1, 0.1))
+    )
+    data = frame[:cut] if cut >= 0 else frame[:-1]
+    with pytest.raises(WireError, match="truncated"):
+        wire.read_frame(wire.stream_reader(io.BytesIO(data))) if cut else wire.decode_frame(data)
+
+
+def test_clean_end_of_stream_is_eof_not_error() -> None:
+    with pytest.raises(EOFError):
+        wire.read_frame(wire.stream_reader(io.BytesIO(b"")))
+
+
+def test_garbled_magic_and_oversize_are_rejected() -> None:
+    with pytest.raises(WireError, match="magic"):
+        wire.decode_frame(b"GARBAGE!" * 4)
+    big = wire.PREFIX.pack(wire.MAGIC, 2, 1 << 40) + b"{}"
+    with pytest.raises(FrameTooLarge, match="payload announces"):
+        wire.read_frame(wire.stream_reader(io.BytesIO(big)))
+
+
+def test_bad_tensor_headers_are_rejected() -> None:
+    good = tensorcodec.dumps({"x": torch.ones(4)})
+    with pytest.raises(WireError, match="truncated"):
+        tensorcodec.loads(good[:5])
+    with pytest.raises(WireError, match="offsets"):
+        tensorcodec.loads(good[:-4])  # data shorter than the header says
+    with pytest.raises(WireError, match="trailing"):
+        tensorcodec.loads(good + b"\0" * 8)
+
+
+def _update_with(name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    w = initial_weights(1)
+    w[name] = value
+    return w
+
+
+def test_validation_rejects_wrong_shape_nan_inf_names_and_dtype() -> None:
+    spec = weight_spec()
+    cases = [
+        (_update_with("fc2.bias", torch.zeros(11)), "shape [11], expected [10]"),
+        (_update_with("fc2.bias", torch.full((10,), math.nan)), "10 non-finite"),
+        (_update_with("conv1.bias", torch.tensor([math.inf] + [0.0] * 19)), "1 non-finite"),
+        (_update_with("fc2.bias", torch.zeros(10, dtype=torch.float64)), "dtype torch.float64"),
+        ({k: v for k, v in initial_weights(1).items() if k != "fc1.weight"}, "missing ['fc1.weight']"),
+        (_update_with("evil", torch.zeros(1)), "unexpected ['evil']"),
+    ]
+    for tensors, message in cases:
+        with pytest.raises(UpdateRejected) as err:
+            wire.validate_tensors("charlie", tensors, spec)
+        assert "charlie" in str(err.value) and message in str(err.value)
+    wire.validate_tensors("charlie", initial_weights(1), spec)  # the good case passes
+
+
+def test_train_plan_from_network_refuses_unknown_fields_and_types() -> None:
+    with pytest.raises(WireError, match="unknown fields"):
+        TrainPlan.from_dict({"steps": 1, "evil": 1})
+    with pytest.raises(WireError, match="integer"):
+        TrainPlan.from_dict({"steps": 1.5})
+    with pytest.raises(WireError, match="steps >= 1"):
+        TrainPlan.from_dict({"steps": 0})
