@@ -15,7 +15,9 @@ from .model import weight_spec
 from .wire import validate_tensors
 
 
-def save_weights(path: Path, weights: Mapping[str, torch.Tensor], metadata: Mapping[str, object]) -> Path:
+def save_weights(
+    path: Path, weights: Mapping[str, torch.Tensor], metadata: Mapping[str, object]
+) -> Path:
     """Write `weights` to `path` (temp file + rename: never a half-written model)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}

@@ -88,7 +88,9 @@ class WorkerConfig(Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     role: Literal["trainer", "evaluator"] = "trainer"
     transport: Literal["local"] = "local"
-    split: Literal["train", "test"] | None = None  # default: train for trainers, test for evaluators
+    split: Literal["train", "test"] | None = (
+        None  # default: train for trainers, test for evaluators
+    )
     labels: list[Annotated[int, Field(ge=0, le=9)]] | None = None
     iid: IIDPart | None = None
     data_dir: str | None = None  # default: the experiment's data_dir
@@ -127,6 +129,7 @@ class TrackingConfig(Strict):
 
     uri: str | None = None
     experiment: str = "federated-mnist"
+    ui_url: str = "http://127.0.0.1:5000"  # where `mlflow ui` serves a file/SQLite store (for links)
 
 
 class ExperimentConfig(Strict):
@@ -220,7 +223,9 @@ def _describe(exc: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check its spelling; see configs/seed.yaml for the known ones)"
         got = err.get("input")
-        shown = "" if err["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        shown = (
+            "" if err["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        )
         lines.append(f"  {where}: {msg}{shown}")
     return "\n".join(lines)
 
@@ -233,7 +238,9 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> ExperimentConfi
         raise ConfigError(_describe(exc, source)) from None
 
 
-def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+def load_config(
+    path: str | os.PathLike[str], overrides: dict[str, Any] | None = None
+) -> ExperimentConfig:
     """Read an experiment YAML file, apply dotted overrides, validate.
 
     Raises:

