@@ -74,12 +74,24 @@ def product(config: str, rounds: int | None) -> tuple[float, float | None]:
     """(seconds, final federated accuracy) of `fedmnist run` in a fresh process."""
     with tempfile.TemporaryDirectory() as tmp:
         summary = Path(tmp) / "summary.json"
-        cmd = [str(ROOT / ".venv" / "bin" / "fedmnist"), "run", config, "--summary-json", str(summary)]
+        cmd = [
+            str(ROOT / ".venv" / "bin" / "fedmnist"),
+            "run",
+            config,
+            "--summary-json",
+            str(summary),
+        ]
         if rounds:
             cmd += ["--rounds", str(rounds)]
         start = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       env=dict(os.environ))
+        subprocess.run(
+            cmd,
+            cwd=ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=dict(os.environ),
+        )
         took = time.perf_counter() - start
         return took, json.loads(summary.read_text())["final_accuracy"]
 

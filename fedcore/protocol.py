@@ -163,7 +163,12 @@ def encode_update(u: Update) -> bytes:
             "worker": u.worker,
             "round": u.round,
             "num_examples": u.num_examples,
-            "metrics": {"loss": m.loss, "samples": m.samples, "steps": m.steps, "seconds": m.seconds},
+            "metrics": {
+                "loss": m.loss,
+                "samples": m.samples,
+                "steps": m.steps,
+                "seconds": m.seconds,
+            },
         },
         groups,
     )
@@ -178,7 +183,9 @@ def decode_update(meta: wire.Meta, payload: bytes, wire_bytes: int = 0) -> Updat
     try:
         m = meta["metrics"]
         metrics = TrainMetrics(
-            loss=float(m["loss"]), samples=int(m["samples"]), steps=int(m["steps"]),
+            loss=float(m["loss"]),
+            samples=int(m["samples"]),
+            steps=int(m["steps"]),
             seconds=float(m["seconds"]),
         )
         return Update(
@@ -194,13 +201,15 @@ def decode_update(meta: wire.Meta, payload: bytes, wire_bytes: int = 0) -> Updat
         raise WireError(f"malformed update: {exc!r}") from None
 
 
-def encode_evaluate(round: int, models: Mapping[str, Tensors], groups: Sequence[Sequence[int]]) -> bytes:
-    return _frame(
-        {"type": "evaluate", "round": round, "groups": [list(g) for g in groups]}, models
-    )
+def encode_evaluate(
+    round: int, models: Mapping[str, Tensors], groups: Sequence[Sequence[int]]
+) -> bytes:
+    return _frame({"type": "evaluate", "round": round, "groups": [list(g) for g in groups]}, models)
 
 
-def decode_evaluate(meta: wire.Meta, payload: bytes) -> Tuple[int, Dict[str, Tensors], List[List[int]]]:
+def decode_evaluate(
+    meta: wire.Meta, payload: bytes
+) -> Tuple[int, Dict[str, Tensors], List[List[int]]]:
     expect(meta, "evaluate")
     groups = wire.optional(meta, "groups", list, [])
     try:

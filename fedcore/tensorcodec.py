@@ -48,7 +48,9 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return ctypes.string_at(t.data_ptr(), n) if n else b""
 
 
-def dumps(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> bytes:
+def dumps(
+    tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None
+) -> bytes:
     """Serialise named tensors (and string metadata) to safetensors bytes."""
     # Same order as the reference writer: larger alignment first, then by name.
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))

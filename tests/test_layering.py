@@ -19,8 +19,9 @@ def test_fedcore_imports_neither_prefect_nor_mlflow() -> None:
         "print(json.dumps(sorted(k for k in sys.modules if k.split('.')[0] in "
         "('prefect', 'mlflow', 'tasks', 'flows'))))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
     assert json.loads(out.stdout) == []
 
 
@@ -64,6 +65,7 @@ def test_worker_side_parses_as_python_38() -> None:
     vermin = shutil.which("vermin") or str(ROOT / ".venv" / "bin" / "vermin")
     out = subprocess.run(
         [vermin, "-t=3.8-", "--no-tips", "--violations", "--eval-annotations", *files],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr

@@ -21,12 +21,18 @@ class WorkerLaunch:
     def argv(self) -> list[str]:
         """Arguments after the interpreter: `-m fedcore.worker ...`."""
         return [
-            "-m", "fedcore.worker",
-            "--name", self.name,
-            "--data-dir", self.data_dir,
-            "--shard", self.shard.to_json(),
-            "--threads", str(self.threads),
-            "--device", self.device,
+            "-m",
+            "fedcore.worker",
+            "--name",
+            self.name,
+            "--data-dir",
+            self.data_dir,
+            "--shard",
+            self.shard.to_json(),
+            "--threads",
+            str(self.threads),
+            "--device",
+            self.device,
         ]
 
 

@@ -104,5 +104,7 @@ class LocalTransport(Transport):
                 bufsize=0,
             )
         except OSError as exc:
-            raise ConnectionError(f"cannot start {self.python} for worker {launch.name}: {exc}") from None
+            raise ConnectionError(
+                f"cannot start {self.python} for worker {launch.name}: {exc}"
+            ) from None
         return LocalPipe(proc, launch.name)

@@ -17,7 +17,7 @@ def _update(worker: str, value: list[float], n: int) -> Update:
 def test_fedavg_weights_by_samples_and_mean_does_not() -> None:
     ups = [_update("a", [1.0, -2.0], 1), _update("b", [4.0, 1.0], 2)]
     g = {"w": torch.zeros(2)}
-    assert torch.allclose(FedAvg().aggregate(1, g, ups, []) ["w"], torch.tensor([3.0, 0.0]))
+    assert torch.allclose(FedAvg().aggregate(1, g, ups, [])["w"], torch.tensor([3.0, 0.0]))
     assert torch.allclose(UnweightedMean().aggregate(1, g, ups, [])["w"], torch.tensor([2.5, -0.5]))
 
 

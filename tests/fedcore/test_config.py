@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from fedcore.config import load_config
 from fedcore.errors import ConfigError
 from fedcore.shards import ShardSpec
@@ -57,8 +57,16 @@ BASE = "workers: [{name: alice, labels: [0]}]\n"
         (BASE + "rounds: -2\n", "rounds", "greater than 0"),
         (BASE + "train: {lr: 0}\n", "train.lr", "greater than 0"),
         (BASE + "strategy: {name: fedsgd}\n", "strategy", "fedsgd"),
-        ("workers: [{name: alice, labels: [0, 12]}]\n", "workers.0.labels.1", "less than or equal to 9"),
-        ("workers: [{name: a, labels: [0]}, {name: a, labels: [1]}]\n", "(top level)", "repeated: ['a']"),
+        (
+            "workers: [{name: alice, labels: [0, 12]}]\n",
+            "workers.0.labels.1",
+            "less than or equal to 9",
+        ),
+        (
+            "workers: [{name: a, labels: [0]}, {name: a, labels: [1]}]\n",
+            "(top level)",
+            "repeated: ['a']",
+        ),
         ("workers: [{name: t, role: evaluator}]\n", "(top level)", "role: trainer"),
     ],
 )

@@ -104,7 +104,10 @@ def test_validation_rejects_wrong_shape_nan_inf_names_and_dtype() -> None:
         (_update_with("fc2.bias", torch.full((10,), math.nan)), "10 non-finite"),
         (_update_with("conv1.bias", torch.tensor([math.inf] + [0.0] * 19)), "1 non-finite"),
         (_update_with("fc2.bias", torch.zeros(10, dtype=torch.float64)), "dtype torch.float64"),
-        ({k: v for k, v in initial_weights(1).items() if k != "fc1.weight"}, "missing ['fc1.weight']"),
+        (
+            {k: v for k, v in initial_weights(1).items() if k != "fc1.weight"},
+            "missing ['fc1.weight']",
+        ),
         (_update_with("evil", torch.zeros(1)), "unexpected ['evil']"),
     ]
     for tensors, message in cases:

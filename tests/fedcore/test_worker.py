@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ALICE_COUNTS, BOB_COUNTS, ROOT
+
 from fedcore import protocol, wire
 from fedcore.errors import WorkerFailed
 from fedcore.model import initial_weights
@@ -32,8 +32,10 @@ def test_worker_loads_only_its_digits(mnist_dir: Path) -> None:
 
 
 def test_iid_parts_partition_the_split(mnist_dir: Path) -> None:
-    sizes = [Worker(f"p{i}", str(mnist_dir), ShardSpec.iid(i, 3, seed=5), "cpu").labels.numel()
-             for i in range(3)]
+    sizes = [
+        Worker(f"p{i}", str(mnist_dir), ShardSpec.iid(i, 3, seed=5), "cpu").labels.numel()
+        for i in range(3)
+    ]
     assert sizes == [20000, 20000, 20000]
 
 
@@ -68,7 +70,9 @@ def test_subprocess_worker_hello_train_evaluate(bob: WorkerSession) -> None:
 
 def test_missing_data_dir_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
-    s = WorkerSession(WorkerLaunch("alice", str(missing), ShardSpec.by_labels([0])), LocalTransport())
+    s = WorkerSession(
+        WorkerLaunch("alice", str(missing), ShardSpec.by_labels([0])), LocalTransport()
+    )
     s.start()
     with pytest.raises(WorkerFailed) as err:
         s.hello(timeout=60)
@@ -80,8 +84,11 @@ def test_missing_data_dir_is_named(tmp_path: Path) -> None:
 def test_garbage_on_stdin_is_rejected_cleanly(mnist_dir: Path) -> None:
     launch = WorkerLaunch("charlie", str(mnist_dir), ShardSpec.by_labels([9]), threads=1)
     proc = subprocess.run(
-        [sys.executable, *launch.argv()], input=b"\x00garbage that is not a frame" * 3,
-        capture_output=True, timeout=120, cwd=ROOT,
+        [sys.executable, *launch.argv()],
+        input=b"\x00garbage that is not a frame" * 3,
+        capture_output=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert proc.returncode == 2
     meta, _ = wire.decode_frame(proc.stdout)

@@ -12,8 +12,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from fedcore.checkpoint import load_weights
 
 pytestmark = pytest.mark.slow
@@ -25,9 +25,20 @@ def _run(home: Path, mnist_dir: Path, prefect_home: Path) -> tuple[dict, str]:
     env.pop("MLFLOW_TRACKING_URI", None)
     summary = home / "summary.json"
     proc = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "fedmnist"), "run", "configs/smoke.yaml",
-         "--set", f"data_dir={mnist_dir}", "--summary-json", str(summary)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            str(ROOT / ".venv" / "bin" / "fedmnist"),
+            "run",
+            "configs/smoke.yaml",
+            "--set",
+            f"data_dir={mnist_dir}",
+            "--summary-json",
+            str(summary),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads(summary.read_text()), proc.stdout + proc.stderr
@@ -50,10 +61,18 @@ def _client(home: Path):
 
 def test_console_shows_the_seed_lines(two_runs) -> None:
     _, (_, out), _ = two_runs
-    assert "MNIST dataset (train set), available numbers on alice: 0: 5923, 1: 6742, 2: 5958, 3: 6131" in out
+    assert (
+        "MNIST dataset (train set), available numbers on alice: 0: 5923, 1: 6742, 2: 5958, 3: 6131"
+        in out
+    )
     assert "available numbers on testing: 0: 980, 1: 1135" in out
     assert "Training round 1/2" in out and "Training round 2/2" in out
-    for who in ("Model update alice", "Model update bob", "Model update charlie", "Federated model"):
+    for who in (
+        "Model update alice",
+        "Model update bob",
+        "Model update charlie",
+        "Federated model",
+    ):
         assert f"{who}: Percentage numbers 0-3: " in out
         assert f"{who}: Average loss: " in out
     assert "Task run 'train-charlie-r02'" in out
@@ -69,11 +88,21 @@ def test_mlflow_run_has_params_and_stepped_metrics(two_runs) -> None:
     assert p["strategy.name"] == "mean" and p["strategy.weighting"] == "unweighted"
     assert p["workers.alice.labels"] == "[0, 1, 2, 3]" and len(p["config_hash"]) == 12
     assert run.data.tags["prefect.flow_run_id"] not in ("", "local")
-    for key in ("accuracy/federated", "accuracy/alice", "accuracy/bob", "accuracy/charlie",
-                "train_loss/alice", "train_samples/bob", "round_seconds", "lr"):
+    for key in (
+        "accuracy/federated",
+        "accuracy/alice",
+        "accuracy/bob",
+        "accuracy/charlie",
+        "train_loss/alice",
+        "train_samples/bob",
+        "round_seconds",
+        "lr",
+    ):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == [1, 2], key
-    acc = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "accuracy/federated")}
+    acc = {
+        m.step: m.value for m in client.get_metric_history(run.info.run_id, "accuracy/federated")
+    }
     assert acc[2] == summary["final_accuracy"]
     samples = client.get_metric_history(run.info.run_id, "train_samples/bob")
     assert {m.value for m in samples} == {64.0}  # 2 batches of 32
