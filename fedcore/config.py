@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -124,12 +125,22 @@ class TimeoutConfig(Strict):
     evaluate: Annotated[float, Field(gt=0)] = 600.0  # one evaluate request
 
 
+class ScreeningConfig(Strict):
+    """Which well-formed updates are still refused before aggregation (fedcore.screening)."""
+
+    # drop an update whose distance from the global model exceeds this many times the round's
+    # median distance (needs >= 3 updates); 0 turns the check off
+    norm_factor: Annotated[float, Field(ge=0)] = 10.0
+
+
 class TrackingConfig(Strict):
     """Where the MLflow record goes (default: the SQLite store under FEDMNIST_HOME)."""
 
     uri: str | None = None
     experiment: str = "federated-mnist"
-    ui_url: str = "http://127.0.0.1:5000"  # where `mlflow ui` serves a file/SQLite store (for links)
+    ui_url: str = (
+        "http://127.0.0.1:5000"  # where `mlflow ui` serves a file/SQLite store (for links)
+    )
 
 
 class ExperimentConfig(Strict):
@@ -145,6 +156,7 @@ class ExperimentConfig(Strict):
     quorum: PositiveInt | None = None  # updates needed for a round to count; default: every trainer
     data_dir: str | None = None  # default: $FEDMNIST_HOME/data/mnist
     timeouts: TimeoutConfig = TimeoutConfig()
+    screening: ScreeningConfig = ScreeningConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
@@ -257,4 +269,38 @@ def load_config(
         raise ConfigError(f"{p}: the top level must be a mapping of fields")
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
+    if "inventory" in raw:
+        raw = dict(raw)
+        inventory = raw.pop("inventory")
+        if "workers" in raw:
+            raise ConfigError(f"{p}: give either workers or inventory, not both")
+        raw["workers"] = load_inventory(resolve_path(str(inventory), p.parent))
     return parse_config(raw, str(p))
+
+
+def resolve_path(text: str, base: Path) -> Path:
+    """`~`, `$FEDMNIST_HOME` (defaulted) and other variables expanded; relative to `base`."""
+    env = dict(os.environ)
+    env.setdefault("FEDMNIST_HOME", str(fedmnist_home()))
+    expanded = os.path.expanduser(
+        re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), m.group(0)), text)
+    )
+    path = Path(expanded)
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def load_inventory(path: Path) -> list[Any]:
+    """The worker list of an inventory file (a YAML list, or a mapping with `workers:`)."""
+    if not path.is_file():
+        raise ConfigError(
+            f"inventory {path} does not exist (for the SSH lab, run `fedmnist lab up` first)"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if isinstance(data, dict):
+        data = data.get("workers")
+    if not isinstance(data, list):
+        raise ConfigError(f"{path}: an inventory is a list of workers (or a mapping with workers:)")
+    return data

@@ -24,6 +24,7 @@ from fedcore.config import ExperimentConfig, WorkerConfig, fedmnist_home, load_c
 from fedcore.errors import DataError, FedError, QuorumNotReached
 from fedcore.model import initial_weights, num_parameters
 from fedcore.protocol import TrainRequest, Update
+from fedcore.screening import screen_updates
 from fedcore.seeding import derive_seed
 from fedcore.session import WorkerSession
 from fedcore.strategies import Failure, build_strategy
@@ -197,6 +198,11 @@ def train_rounds(
             cause = FAILURE_CAUSES.get(type(exc).__name__, "failed")
             failures.append(Failure(name, rnd, cause, str(exc)))
             logger.warning("Round %d: %s dropped (%s): %s", rnd, name, cause, exc)
+        screened = screen_updates(updates, weights, cfg.screening.norm_factor)
+        for name, reason in screened.dropped:
+            failures.append(Failure(name, rnd, "rejected", reason))
+            logger.warning("Round %d: update from %s rejected: %s", rnd, name, reason)
+        updates = screened.kept
         if len(updates) < cfg.required_updates():
             raise QuorumNotReached(
                 f"round {rnd}: {len(updates)} of {len(trainers)} workers returned an update, "
