@@ -56,7 +56,8 @@ def dumps(
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
     header: Dict[str, object] = {}
     if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        # sorted: the reference writer keeps metadata in a hash map, whose order varies
+        header["__metadata__"] = {str(k): str(metadata[k]) for k in sorted(metadata)}
     chunks = []
     offset = 0
     for name in order:
