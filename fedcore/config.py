@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import ConfigError
 from .shards import ShardSpec
 from .strategies import StrategyConfig
+from .transport.ssh import SSHConfig
 from .training import TrainPlan
 
 
@@ -88,7 +89,8 @@ class WorkerConfig(Strict):
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     role: Literal["trainer", "evaluator"] = "trainer"
-    transport: Literal["local"] = "local"
+    transport: Literal["local", "ssh"] = "local"
+    ssh: SSHConfig | None = None  # how to reach the device (transport: ssh)
     split: Literal["train", "test"] | None = (
         None  # default: train for trainers, test for evaluators
     )
@@ -100,6 +102,10 @@ class WorkerConfig(Strict):
 
     @model_validator(mode="after")
     def _one_shard_kind(self) -> WorkerConfig:
+        if self.transport == "ssh" and self.ssh is None:
+            raise ValueError("transport: ssh needs an ssh: section (host or alias, user, ...)")
+        if self.transport == "local" and self.ssh is not None:
+            raise ValueError("an ssh: section needs transport: ssh")
         if self.labels is not None and self.iid is not None:
             raise ValueError("give either labels or iid, not both")
         if self.labels is not None and not self.labels:
@@ -136,11 +142,15 @@ class ScreeningConfig(Strict):
 class TrackingConfig(Strict):
     """Where the MLflow record goes (default: the SQLite store under FEDMNIST_HOME)."""
 
-    uri: str | None = None
+    enabled: bool = True  # false: train without an MLflow record (benchmarks, quick checks)
+    uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///$FEDMNIST_HOME/mlflow.db
     experiment: str = "federated-mnist"
     ui_url: str = (
         "http://127.0.0.1:5000"  # where `mlflow ui` serves a file/SQLite store (for links)
     )
+    # Evaluated global models become versions of this registered model (aliases `current` and
+    # `champion`); null: log them without registering.
+    registered_model: str | None = "federated-mnist-cnn"
 
 
 class ExperimentConfig(Strict):

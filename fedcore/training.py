@@ -30,7 +30,8 @@ class TrainPlan:
     momentum: float = 0.0
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
-    prox_mu: float = 0.0
+    prox_mu: float = 0.0  # FedProx: adds 0.5 * prox_mu * ||w - w_global||^2 to the loss
+    scaffold: bool = False  # SCAFFOLD: the request carries control variates (local_algorithms)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -44,6 +45,13 @@ class TrainPlan:
             raise WireError(f"train plan has unknown fields {unknown}")
         values: Dict[str, Any] = {}
         for name, value in raw.items():
+            if known[name] in ("bool", bool):
+                if not isinstance(value, bool):
+                    raise WireError(
+                        f"train plan field {name!r} must be true or false, got {value!r}"
+                    )
+                values[name] = value
+                continue
             want = int if known[name] in ("int", int) else float
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise WireError(f"train plan field {name!r} must be a number, got {value!r}")
@@ -53,6 +61,8 @@ class TrainPlan:
         plan = cls(**values)
         if plan.steps < 1 or plan.batch_size < 1 or not plan.lr > 0:
             raise WireError(f"train plan needs steps >= 1, batch_size >= 1, lr > 0: {plan}")
+        if not 0 <= plan.prox_mu < float("inf"):
+            raise WireError(f"train plan needs a finite prox_mu >= 0, got {plan.prox_mu}")
         return plan
 
 
@@ -97,9 +107,7 @@ def train_local(
     start = time.perf_counter()
     model.train()
     params = dict(model.named_parameters())
-    anchor = (
-        {k: p.detach().clone() for k, p in params.items()} if plan.prox_mu > 0 else None
-    )
+    anchor = {k: p.detach().clone() for k, p in params.items()} if plan.prox_mu > 0 else None
     opt = torch.optim.SGD(
         model.parameters(), lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay
     )
@@ -122,7 +130,10 @@ def train_local(
         if grad_correction is not None:
             with torch.no_grad():
                 for k, p in params.items():
-                    p.grad.add_(grad_correction[k])
+                    if p.grad is None:  # a parameter the loss does not reach still drifts
+                        p.grad = grad_correction[k].clone()
+                    else:
+                        p.grad.add_(grad_correction[k])
         opt.step()
         samples += int(y.numel())
     return TrainMetrics(

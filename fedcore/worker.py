@@ -23,6 +23,7 @@ import torch
 from . import protocol, wire
 from .errors import FedError, WireError
 from .evaluation import evaluate
+from .local_algorithms import ScaffoldClient
 from .mnist import label_counts, load_shard
 from .model import build_model, weight_spec
 from .shards import ShardSpec
@@ -46,9 +47,11 @@ class Worker:
         self.model = build_model(
             {k: torch.zeros(s, dtype=d) for k, (s, d) in self.spec_weights.items()}, device
         )
-        log.info(
-            "%s holds %d images (%s) on %s", name, labels.numel(), spec.describe(), device
+        # SCAFFOLD's control variate c_i, kept for the whole training (fedcore.local_algorithms).
+        self.scaffold = ScaffoldClient(
+            {k: (tuple(p.shape), p.dtype) for k, p in self.model.named_parameters()}
         )
+        log.info("%s holds %d images (%s) on %s", name, labels.numel(), spec.describe(), device)
 
     def hello(self) -> bytes:
         return protocol.encode_hello(
@@ -70,18 +73,31 @@ class Worker:
 
     def train(self, meta: wire.Meta, payload: bytes) -> bytes:
         req = protocol.decode_train(meta, payload)
-        if req.extras:
+        if req.extras and not req.plan.scaffold:
             raise WireError(f"unsupported tensor groups in train request: {sorted(req.extras)}")
         self._load(req.weights, "global weights")
+        correction = (
+            self.scaffold.begin(req.round, req.extras, self.device) if req.plan.scaffold else None
+        )
         gen = torch.Generator().manual_seed(req.sample_seed)
-        metrics = train_local(self.model, self.images, self.labels, req.plan, gen)
+        metrics = train_local(
+            self.model, self.images, self.labels, req.plan, gen, grad_correction=correction
+        )
         weights = {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()}
+        extras = (
+            self.scaffold.finish(req.round, req.weights, weights, req.plan.steps, req.plan.lr)
+            if req.plan.scaffold
+            else {}
+        )
         log.info(
-            "round %d: %d steps, loss %.4f, %.2fs", req.round, metrics.steps, metrics.loss,
+            "round %d: %d steps, loss %.4f, %.2fs",
+            req.round,
+            metrics.steps,
+            metrics.loss,
             metrics.seconds,
         )
         return protocol.encode_update(
-            protocol.Update(self.name, req.round, weights, self.labels.numel(), metrics)
+            protocol.Update(self.name, req.round, weights, self.labels.numel(), metrics, extras)
         )
 
     def evaluate(self, meta: wire.Meta, payload: bytes) -> bytes:
@@ -90,7 +106,9 @@ class Worker:
         for model_name, weights in models.items():
             self._load(weights, f"weights of model {model_name!r}")
             results[model_name] = evaluate(self.model, self.images, self.labels, groups)
-        log.info("round %d: evaluated %d models on %d images", rnd, len(models), self.labels.numel())
+        log.info(
+            "round %d: evaluated %d models on %d images", rnd, len(models), self.labels.numel()
+        )
         return protocol.encode_evaluation(results)
 
 
@@ -139,25 +157,31 @@ def pick_device(choice: str) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedcore.worker", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fedcore.worker", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--name", required=True, help="worker name, e.g. alice")
     parser.add_argument("--data-dir", required=True, help="folder with the MNIST idx files")
     parser.add_argument("--shard", required=True, help="shard spec as JSON (fedcore.shards)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's own)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads (default 0: torch's own)"
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
-    parser.add_argument("--max-payload-mb", type=int, default=256, help="largest frame accepted (256)")
+    parser.add_argument(
+        "--max-payload-mb", type=int, default=256, help="largest frame accepted (256)"
+    )
     args = parser.parse_args(argv)
 
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format=f"[{args.name}] %(message)s"
-    )
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=f"[{args.name}] %(message)s")
     # stdout carries frames only: anything printed by accident goes to stderr instead.
     stdout = sys.stdout.buffer
     sys.stdout = sys.stderr
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        worker = Worker(args.name, args.data_dir, ShardSpec.from_json(args.shard), pick_device(args.device))
+        worker = Worker(
+            args.name, args.data_dir, ShardSpec.from_json(args.shard), pick_device(args.device)
+        )
     except FedError as exc:
         log.error("cannot start: %s", exc)
         _send(stdout, protocol.encode_error(type(exc).__name__, str(exc)))

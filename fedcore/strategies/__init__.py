@@ -1,33 +1,112 @@
-"""Aggregation strategies, one file each; `build_strategy` picks one by its configured name."""
+"""Aggregation strategies, one file each; `build_strategy` makes the one a config names.
+
+A strategy is composed, not inherited: a weighting (`weighting.py`: "unweighted" or "samples",
+always named) plus, optionally, a server optimizer (`server_optimizer.py`: a torch optimizer
+stepping the global model on the pseudo-gradient) plus what the workers do locally (the plan's
+`prox_mu` for FedProx, `scaffold` for SCAFFOLD's control variates). Configured by name:
+
+    {name: mean}                                     the seed's unweighted mean
+    {name: fedavg}                                   sample-weighted FedAvg
+    {name: fedavgm, weighting, server_lr, momentum, nesterov}
+    {name: fedadam, weighting, server_lr, beta1, beta2, tau, bias_correction}
+    {name: fedyogi, weighting, server_lr, beta1, beta2, tau, bias_correction}
+    {name: fedadagrad, weighting, server_lr, tau}
+    {name: fedprox, weighting, mu, server_lr, momentum, nesterov}
+    {name: scaffold, weighting, server_lr, momentum, nesterov}
+"""
 
 from __future__ import annotations
 
-from .base import Failure, Strategy
-from .fedavg import FedAvg
-from .mean import UnweightedMean
+from typing import Annotated, Any
 
-from typing import Literal
+from pydantic import ConfigDict, Field, RootModel, model_validator
 
-from pydantic import BaseModel, ConfigDict
+from .base import Failure, Strategy, StrategyState
+from .fedadagrad import FedAdagradConfig
+from .fedadam import FedAdamConfig
+from .fedavg import FedAvg, FedAvgConfig
+from .fedavgm import FedAvgMConfig
+from .fedopt import FedOpt
+from .fedprox import FedProxConfig
+from .fedyogi import FedYogiConfig
+from .mean import MeanConfig, UnweightedMean
+from .scaffold import Scaffold, ScaffoldConfig
 
-REGISTRY: dict[str, type[Strategy]] = {"mean": UnweightedMean, "fedavg": FedAvg}
+AnyStrategyConfig = Annotated[
+    MeanConfig
+    | FedAvgConfig
+    | FedAvgMConfig
+    | FedAdamConfig
+    | FedYogiConfig
+    | FedAdagradConfig
+    | FedProxConfig
+    | ScaffoldConfig,
+    Field(discriminator="name"),
+]
+CONFIGS = {
+    "mean": MeanConfig,
+    "fedavg": FedAvgConfig,
+    "fedavgm": FedAvgMConfig,
+    "fedadam": FedAdamConfig,
+    "fedyogi": FedYogiConfig,
+    "fedadagrad": FedAdagradConfig,
+    "fedprox": FedProxConfig,
+    "scaffold": ScaffoldConfig,
+}
+NAMES = tuple(CONFIGS)
 
 
-class StrategyConfig(BaseModel):
-    """Which aggregation strategy, by name, with its parameters (unknown keys refused)."""
+class StrategyConfig(RootModel[AnyStrategyConfig]):
+    """Which strategy, by `name`, with that strategy's own parameters (unknown keys refused).
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    `StrategyConfig()` is the seed's `{name: mean}`; `StrategyConfig(name="fedavgm",
+    weighting="samples", momentum=0.9)` and `StrategyConfig.model_validate({...})` both work.
+    The selected strategy's model is `.root`.
+    """
 
-    name: Literal["mean", "fedavg"] = "mean"
+    model_config = ConfigDict(frozen=True)
+
+    root: AnyStrategyConfig = MeanConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _needs_a_name(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "name" not in raw:
+            raise ValueError(f"a strategy needs a name, one of {list(NAMES)}")
+        return raw
+
+    @property
+    def name(self) -> str:
+        return self.root.name
 
 
 def build_strategy(config: StrategyConfig | str) -> Strategy:
-    """The strategy a config (or a bare name) selects."""
-    name = config if isinstance(config, str) else config.name
-    try:
-        return REGISTRY[name]()
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(REGISTRY)}") from None
+    """The strategy a config (or a bare name that needs no parameters: "mean", "fedavg") selects.
+
+    Raises:
+        ValueError: an unknown name, or a bare name whose strategy needs parameters.
+    """
+    if isinstance(config, str):
+        if config not in CONFIGS:
+            raise ValueError(f"unknown strategy {config!r}; choose one of {list(NAMES)}")
+        try:
+            config = StrategyConfig.model_validate({"name": config})
+        except ValueError as exc:
+            raise ValueError(f"strategy {config!r} needs parameters: {exc}") from None
+    return config.root.build()
 
 
-__all__ = ["REGISTRY", "StrategyConfig", "Failure", "FedAvg", "Strategy", "UnweightedMean", "build_strategy"]
+__all__ = [
+    "CONFIGS",
+    "NAMES",
+    "AnyStrategyConfig",
+    "Failure",
+    "FedAvg",
+    "FedOpt",
+    "Scaffold",
+    "Strategy",
+    "StrategyConfig",
+    "StrategyState",
+    "UnweightedMean",
+    "build_strategy",
+]

@@ -7,12 +7,14 @@ McMahan et al., 2017, "Communication-Efficient Learning of Deep Networks from De
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 
 from ..protocol import Update
-from .aggregate import weighted_mean
 from .base import Failure, Strategy, Weights
+from .options import StrategyOptions
+from .weighting import average
 
 
 class FedAvg(Strategy):
@@ -27,7 +29,18 @@ class FedAvg(Strategy):
         updates: Sequence[Update],
         failures: Sequence[Failure],
     ) -> Weights:
-        return weighted_mean([u.weights for u in updates], [u.num_examples for u in updates])
+        for u in updates:
+            self.check_update(u, global_weights)
+        return average("samples", updates)
 
     def params(self) -> dict[str, object]:
         return {"name": self.name, "weighting": "samples"}
+
+
+class FedAvgConfig(StrategyOptions):
+    """`{name: fedavg}`: sample-weighted averaging; no parameters."""
+
+    name: Literal["fedavg"]
+
+    def build(self) -> FedAvg:
+        return FedAvg()

@@ -8,12 +8,14 @@ never mistaken for sample-weighted FedAvg.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 
 from ..protocol import Update
-from .aggregate import weighted_mean
 from .base import Failure, Strategy, Weights
+from .options import StrategyOptions
+from .weighting import average
 
 
 class UnweightedMean(Strategy):
@@ -28,7 +30,18 @@ class UnweightedMean(Strategy):
         updates: Sequence[Update],
         failures: Sequence[Failure],
     ) -> Weights:
-        return weighted_mean([u.weights for u in updates], [1.0] * len(updates))
+        for u in updates:
+            self.check_update(u, global_weights)
+        return average("unweighted", updates)
 
     def params(self) -> dict[str, object]:
         return {"name": self.name, "weighting": "unweighted"}
+
+
+class MeanConfig(StrategyOptions):
+    """`{name: mean}`: the seed's unweighted mean; no parameters."""
+
+    name: Literal["mean"] = "mean"
+
+    def build(self) -> UnweightedMean:
+        return UnweightedMean()

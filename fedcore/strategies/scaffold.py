@@ -1,0 +1,229 @@
+"""SCAFFOLD: drift correction with control variates, composed with a weighting and server SGD.
+
+Karimireddy, Kale, Mohri, Reddi, Stich, Suresh, 2020, "SCAFFOLD: Stochastic Controlled Averaging
+for Federated Learning" (ICML), Algorithm 1 with option II. The worker's side (correcting each
+local gradient by c - c_i, computing c_i+ and replying with the delta only) is in
+`fedcore.local_algorithms`, switched on by the plan's `scaffold: true` (`plan_overrides`). Here:
+
+- the model: the workers' models are averaged with the configured weighting and the server
+  optimizer (SGD: server_lr eta_g, momentum, Nesterov) steps the global model on global - average.
+  The paper's x <- x + eta_g mean(y_i - x) is `weighting: unweighted` with momentum 0;
+- the control variate: the server keeps, per worker, the record c_i = sum of the deltas it
+  applied (bit-equal to the worker's own c_i), and sets c = (1/N) sum_j c_j after each round, with N
+  every trainer it has seen so far, in updates or failures. With a fixed population that is the
+  paper's c <- c + (|S|/N) mean_{i in S} delta c_i; it keeps c equal to the mean of the workers'
+  c_i exactly, also when a worker joins late. Control variates are averaged without weights
+  whatever the model's weighting, as in the paper (c estimates the mean of the workers' gradients).
+
+Reconnects and lost replies (decision): a new worker process starts from c_i = 0. Ignoring that
+would leave the lost c_i inside c for good, a constant bias added to every worker's gradient, so the
+server's bookkeeping adapts instead. Each request names the round of the last delta the server
+applied for that worker (`control_base`); the worker adopts a delta only once it is acknowledged,
+so a reply the server lost or rejected is dropped on both sides. A worker that does not hold the
+acknowledged c_i trains with c_i = 0 and replies without `control_delta`; the server then drops its
+record of that worker (c loses that share) and acknowledges 0, and both go on from c_i = 0. A
+reply without `control_delta` from a worker the server holds nothing for is refused: it means the
+worker did not run SCAFFOLD (the flow did not merge `plan_overrides`). A resumed training (new
+worker processes) therefore spends one round re-synchronising each worker.
+
+Control variates cover the floating-point tensors of the global weights, which for the seed's Net
+are exactly its parameters (a model with floating-point buffers would need the parameter names
+here; the worker refuses a `control` group that does not match its parameters).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+
+from .. import wire
+from ..errors import UpdateRejected
+from ..local_algorithms import CONTROL, CONTROL_BASE, CONTROL_DELTA
+from ..protocol import Update
+from .aggregate import floating_spec, mean_over
+from .base import Failure, Strategy, StrategyState, Weights, check_state_owner
+from .fedavgm import ServerSGDOptions
+from .server_optimizer import ServerOptimizer
+from .weighting import Weighting, average
+
+log = logging.getLogger("fedcore.strategies.scaffold")
+
+PAPER = "Karimireddy et al. 2020, SCAFFOLD (ICML), option II"
+
+
+class Scaffold(Strategy):
+    """SCAFFOLD's control variates + a weighting + an optional server optimizer.
+
+    Args:
+        weighting: how the workers' models are averaged ("unweighted" is the paper's).
+        server: the server optimizer stepping the global model; None adopts the average.
+    """
+
+    name = "scaffold"
+
+    def __init__(self, weighting: Weighting, server: ServerOptimizer | None = None) -> None:
+        self.weighting = weighting
+        self.server = server
+        self._c: dict[str, torch.Tensor] | None = None  # None until the first aggregate: zero
+        self._records: dict[str, dict[str, torch.Tensor]] = {}  # worker -> its c_i, as applied
+        self._bases: dict[str, int] = {}  # worker -> round of the last delta applied (0: none)
+        self._population: set[str] = set()  # every trainer seen: N
+
+    # -- what the workers get --------------------------------------------------------------
+
+    def plan_overrides(self) -> dict[str, Any]:
+        return {"scaffold": True}
+
+    def extras_for(self, worker: str, round: int) -> dict[str, Weights]:
+        base = torch.tensor(self._bases.get(worker, 0), dtype=torch.int64)
+        out: dict[str, Weights] = {CONTROL_BASE: {"round": base}}
+        if self._c is not None:
+            out[CONTROL] = dict(self._c)
+        return out
+
+    def reply_groups(self) -> frozenset[str]:
+        return frozenset({CONTROL_DELTA})
+
+    @property
+    def control(self) -> dict[str, torch.Tensor] | None:
+        """The server control variate c (None before the first round: zero)."""
+        return self._c
+
+    def record(self, worker: str) -> dict[str, torch.Tensor] | None:
+        """The server's record of `worker`'s c_i (None: zero)."""
+        return self._records.get(worker)
+
+    # -- what comes back -------------------------------------------------------------------
+
+    def check_update(self, update: Update, global_weights: Mapping[str, torch.Tensor]) -> None:
+        """Refuse other groups, a malformed delta, or a missing delta that cannot be a reconnect.
+
+        Raises:
+            UpdateRejected: names, shapes, dtypes or values of `control_delta` do not fit the
+                model's floating-point tensors, or it is missing where the worker had no c_i to
+                lose.
+        """
+        super().check_update(update, global_weights)
+        delta = update.extras.get(CONTROL_DELTA)
+        if delta is not None:
+            spec = floating_spec(dict(global_weights))
+            wire.validate_tensors(update.worker, delta, spec, CONTROL_DELTA)
+        elif self._bases.get(update.worker, 0) == 0:
+            raise UpdateRejected(
+                update.worker,
+                "no control_delta in a SCAFFOLD reply: did its train plan have scaffold: true? "
+                "(the flow must merge strategy.plan_overrides() into each round's plan)",
+            )
+
+    def aggregate(
+        self,
+        round: int,
+        global_weights: Mapping[str, torch.Tensor],
+        updates: Sequence[Update],
+        failures: Sequence[Failure],
+    ) -> Weights:
+        if not updates:
+            raise ValueError(f"round {round}: no updates to aggregate")
+        names = [u.worker for u in updates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"round {round}: several updates from one worker: {sorted(names)}")
+        for u in updates:
+            self.check_update(u, global_weights)
+        spec = floating_spec(dict(global_weights))
+        mean = average(self.weighting, updates)
+        weights = self.server.step(dict(global_weights), mean) if self.server else mean
+
+        self._population.update(names)
+        self._population.update(f.worker for f in failures)
+        for u in updates:
+            delta = u.extras.get(CONTROL_DELTA)
+            if delta is None:
+                log.warning(
+                    "round %d: %s lost its control variate (new process?); dropping its record",
+                    round,
+                    u.worker,
+                )
+                self._records.pop(u.worker, None)
+                self._bases[u.worker] = 0
+                continue
+            old = self._records.get(u.worker)
+            if old is None:
+                old = {k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in spec.items()}
+            self._records[u.worker] = {k: old[k] + delta[k] for k in spec}
+            self._bases[u.worker] = round
+        self._c = mean_over(list(self._records.values()), len(self._population), spec)
+        return weights
+
+    # -- record and resume -----------------------------------------------------------------
+
+    def params(self) -> dict[str, object]:
+        out: dict[str, object] = {"name": self.name, "weighting": self.weighting}
+        out.update(self.server.params() if self.server else {"server_optimizer": "none"})
+        out.update({"control_update": "c = mean of every seen worker's c_i", "paper": PAPER})
+        return out
+
+    def state_dict(self) -> StrategyState:
+        tensors: dict[str, torch.Tensor] = {}
+        values: dict[str, Any] = {
+            "bases": dict(sorted(self._bases.items())),
+            "population": sorted(self._population),
+        }
+        if self._c is not None:
+            tensors.update({f"control/{k}": t.clone() for k, t in self._c.items()})
+        for worker, record in self._records.items():
+            tensors.update({f"record/{worker}/{k}": t.clone() for k, t in record.items()})
+        if self.server is not None:
+            server_tensors, server_values = self.server.state_dict()
+            tensors.update({f"server/{k}": t for k, t in server_tensors.items()})
+            values.update({f"server/{k}": v for k, v in server_values.items()})
+        return StrategyState(self.name, tensors, values)
+
+    def load_state_dict(self, state: StrategyState) -> None:
+        check_state_owner(self.name, state)
+        c: dict[str, torch.Tensor] = {}
+        records: dict[str, dict[str, torch.Tensor]] = {}
+        server_tensors: dict[str, torch.Tensor] = {}
+        for key, t in state.tensors.items():
+            kind, _, rest = key.partition("/")
+            if kind == "control":
+                c[rest] = t.clone()
+            elif kind == "record":
+                worker, _, param = rest.partition("/")
+                records.setdefault(worker, {})[param] = t.clone()
+            elif kind == "server":
+                server_tensors[rest] = t
+            else:
+                raise ValueError(f"unexpected SCAFFOLD state tensor {key!r}")
+        values = dict(state.values)
+        bases = {str(k): int(v) for k, v in values.pop("bases", {}).items()}
+        population = {str(w) for w in values.pop("population", [])}
+        server_values = {}
+        for key, v in values.items():
+            if not key.startswith("server/"):
+                raise ValueError(f"unexpected SCAFFOLD state value {key!r}")
+            server_values[key[len("server/") :]] = v
+        stray = sorted(set(records) - set(bases))
+        if stray:
+            raise ValueError(f"SCAFFOLD state is inconsistent: records {stray} without a base")
+        outside = sorted(set(bases) - population)
+        if outside:
+            raise ValueError(f"SCAFFOLD state is inconsistent: {outside} missing from population")
+        if self.server is not None:
+            self.server.load_state_dict(server_tensors, server_values)
+        elif server_tensors or server_values:
+            raise ValueError("this SCAFFOLD has no server optimizer to resume")
+        self._c = c or None
+        self._records, self._bases, self._population = records, bases, population
+
+
+class ScaffoldConfig(ServerSGDOptions):
+    """`{name: scaffold, weighting, server_lr: 1.0, momentum: 0.0, nesterov: false}`."""
+
+    name: Literal["scaffold"]
+    weighting: Weighting
+
+    def build(self) -> Scaffold:
+        return Scaffold(self.weighting, self.server())

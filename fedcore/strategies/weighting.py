@@ -1,0 +1,36 @@
+"""Weighting: how much each worker's model counts in the round's average. Always a named choice.
+
+- "unweighted": every valid update counts equally (the seed's mean; Reddi et al. 2021's
+  Algorithm 2 averages the sampled clients' deltas this way);
+- "samples": in proportion to the examples the worker holds (FedAvg, McMahan et al. 2017).
+
+Neither is a default anywhere: a configuration names one (STYLE.md habit 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+from ..protocol import Update
+from .aggregate import weighted_mean
+from .base import Weights
+
+Weighting = Literal["unweighted", "samples"]
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
+
+
+def coefficients(weighting: Weighting, updates: Sequence[Update]) -> list[float]:
+    """Each update's (unnormalised) weight under `weighting`."""
+    if weighting == "unweighted":
+        return [1.0] * len(updates)
+    if weighting == "samples":
+        return [float(u.num_examples) for u in updates]
+    raise ValueError(f"unknown weighting {weighting!r}; choose one of {list(WEIGHTINGS)}")
+
+
+def average(weighting: Weighting, updates: Sequence[Update]) -> Weights:
+    """The weighted mean of the updates' models."""
+    if not updates:
+        raise ValueError("cannot average a round without updates")
+    return weighted_mean([u.weights for u in updates], coefficients(weighting, updates))

@@ -1,0 +1,189 @@
+"""`fedmnist lab ...` and `fedmnist workers ...`: the emulated Jetson lab and pre-flight checks.
+
+fedmnist lab up [--config C] [--dir D]   start one sshd "device" per worker of C (default: the
+                                         seed's alice 0-3, bob 4-6, charlie 7-9, testing)
+fedmnist lab status | down
+fedmnist workers check CONFIG            a ready/not-ready table per worker; exit 1 if any is not
+fedmnist workers trust NAME --config C   show the device's host key fingerprint, then record it
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedcore.config import ExperimentConfig, default_data_dir, fedmnist_home, load_config
+from fedcore.errors import FedError
+
+
+def _lab_dir(args: argparse.Namespace) -> Path:
+    return Path(args.dir) if args.dir else fedmnist_home() / "lab"
+
+
+def cmd_lab_up(args: argparse.Namespace) -> int:
+    from fedcore.lab import lab_up
+
+    cfg = load_config(args.config)
+    workers = {w.name: w.shard() for w in cfg.workers}
+    evaluator = cfg.evaluators[0].name if cfg.evaluators else None
+    mnist = Path(args.mnist_dir) if args.mnist_dir else default_data_dir()
+    print(f"starting {len(workers)} emulated devices ({', '.join(workers)}); first time ~1 min")
+    info = lab_up(_lab_dir(args), workers, mnist, evaluator)
+    for name, host in info.hosts.items():
+        print(f"  {name:10} ssh {host.user}@127.0.0.1 -p {host.port}")
+    print(f"inventory: {info.inventory}\nknown_hosts: {info.known_hosts}")
+    if not info.per_user:
+        print("note: not root, so every device logs in as the current user (no per-user shards)")
+    print("next: fedmnist workers check configs/lab.yaml && fedmnist run configs/lab.yaml")
+    return 0
+
+
+def cmd_lab_status(args: argparse.Namespace) -> int:
+    from fedcore.lab import lab_status
+
+    status = lab_status(_lab_dir(args))
+    if not status:
+        print(f"no lab in {_lab_dir(args)} (start one with `fedmnist lab up`)")
+        return 1
+    for name, s in status.items():
+        state = "running" if s.get("running") else "STOPPED"
+        print(f"  {name:10} {state:8} port {s['port']:<6} user {s['user']} pid {s['pid']}")
+    return 0 if all(s.get("running") for s in status.values()) else 1
+
+
+def cmd_lab_down(args: argparse.Namespace) -> int:
+    from fedcore.lab import lab_down
+
+    done = lab_down(_lab_dir(args))
+    print(f"lab stopped: {', '.join(done.get('stopped', [])) or 'nothing was running'}")
+    return 0
+
+
+def check_worker(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
+    """One row of `workers check`: the transport's probe plus the worker program's hello."""
+    from flows.federated import make_session
+
+    worker = next(w for w in cfg.workers if w.name == name)
+    row: dict[str, Any] = {"worker": name, "transport": worker.transport, "error": None}
+    if worker.ssh is not None:
+        from fedcore.transport.ssh import probe
+
+        row.update(probe(worker.ssh, name))
+        if row.get("error"):
+            return row
+    try:
+        session = make_session(cfg, worker)
+        start = time.perf_counter()
+        session.start()
+        hello = session.hello(cfg.timeouts.start)
+        row["start_s"] = time.perf_counter() - start
+        row.setdefault("python", hello.python)
+        row.setdefault("torch", hello.torch)
+        row["device"] = hello.device
+        row["counts"] = hello.label_counts
+        start = time.perf_counter()
+        session.hello(cfg.timeouts.start)  # a second hello: the protocol's round trip
+        if row.get("latency_ms") is None:
+            row["latency_ms"] = 1000 * (time.perf_counter() - start)
+        session.close()
+    except FedError as exc:
+        row["error"] = str(exc)
+    return row
+
+
+def cmd_workers_check(args: argparse.Namespace) -> int:
+    from fedcore.report import available_numbers
+
+    cfg = load_config(args.config)
+    bad = 0
+    header = f"{'worker':10} {'ready':6} {'transport':9} {'host key':9} {'python':8} {'torch':14} "
+    print(header + f"{'device':6} {'latency':>8}  shard")
+    for w in cfg.workers:
+        row = check_worker(cfg, w.name)
+        ready = row.get("error") is None
+        bad += not ready
+        latency = f"{row['latency_ms']:.1f}ms" if row.get("latency_ms") is not None else "-"
+        shard = (
+            available_numbers(w.name, w.shard().split, row["counts"]).split(": ", 1)[1]
+            if row.get("counts")
+            else "-"
+        )
+        print(
+            f"{w.name:10} {'yes' if ready else 'NO':6} {w.transport:9} "
+            f"{row.get('host_key') or '-':9} {row.get('python') or '-':8} "
+            f"{row.get('torch') or '-':14} {row.get('device') or '-':6} {latency:>8}  {shard}"
+        )
+        if not ready:
+            print(f"    -> {row['error']}")
+    print(f"{len(cfg.workers) - bad} of {len(cfg.workers)} workers ready")
+    return 1 if bad else 0
+
+
+def cmd_workers_trust(args: argparse.Namespace) -> int:
+    from fedcore.transport.ssh import fetch_host_key, trust
+
+    cfg = load_config(args.config)
+    worker = next((w for w in cfg.workers if w.name == args.name), None)
+    if worker is None or worker.ssh is None:
+        print(f"error: {args.name!r} is not an ssh worker of {args.config}", file=sys.stderr)
+        return 2
+    keytype, _, fp = fetch_host_key(worker.ssh, worker.name)
+    print(f"{worker.name} offers a {keytype} host key with fingerprint {fp}")
+    if not args.yes:
+        answer = input(
+            "Is that the device's key (compare on the device: ssh-keygen -lf "
+            "/etc/ssh/ssh_host_ed25519_key.pub)? [y/N] "
+        )
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not trusted")
+            return 1
+    rec = trust(worker.ssh, name=worker.name, expected_fingerprint=fp)
+    print(f"trusted: {rec}")
+    return 0
+
+
+def _guard(fn):
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except FedError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def add_parsers(sub: Any) -> None:
+    """Register `lab` and `workers` on the `fedmnist` parser."""
+    lab = sub.add_parser("lab", help="emulated Jetsons on this machine (real sshd on loopback)")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    p = lab_sub.add_parser("up", help="start the lab and write its inventory")
+    p.add_argument(
+        "--config",
+        default="configs/seed.yaml",
+        help="take the workers and shards from this config (configs/seed.yaml)",
+    )
+    p.add_argument("--mnist-dir", help="MNIST files to cut shards from (default: the data dir)")
+    p.add_argument("--dir", help="lab folder (default: $FEDMNIST_HOME/lab)")
+    p.set_defaults(func=_guard(cmd_lab_up))
+    for name, fn, text in (
+        ("status", cmd_lab_status, "show the lab's devices"),
+        ("down", cmd_lab_down, "stop the lab, remove its users and files"),
+    ):
+        p = lab_sub.add_parser(name, help=text)
+        p.add_argument("--dir", help="lab folder (default: $FEDMNIST_HOME/lab)")
+        p.set_defaults(func=_guard(fn))
+
+    workers = sub.add_parser("workers", help="check or trust the workers of a config")
+    w_sub = workers.add_subparsers(dest="workers_command", required=True)
+    p = w_sub.add_parser("check", help="pre-flight table; exit 1 when any worker is not ready")
+    p.add_argument("config", help="experiment or lab config, e.g. configs/lab.yaml")
+    p.set_defaults(func=_guard(cmd_workers_check))
+    p = w_sub.add_parser("trust", help="record a device's SSH host key after showing it")
+    p.add_argument("name", help="worker name")
+    p.add_argument("--config", required=True, help="config that names the worker")
+    p.add_argument("--yes", action="store_true", help="trust without asking (default: ask)")
+    p.set_defaults(func=_guard(cmd_workers_trust))
