@@ -3,6 +3,9 @@
   fedmnist data [--dir D] [--from FOLDER]   prepare the four MNIST files (checksummed)
   fedmnist run CONFIG [--rounds N] [--set KEY=VALUE ...]
                                              run a training through the Prefect flow
+  fedmnist server [--host H] [--port P]      start this project's Prefect server (foreground)
+  fedmnist serve [--deployments FILE] [--limit N]
+                                             serve the deployments seed, lab, jetsons
 
 Heavy imports (torch, Prefect, MLflow) happen inside the command that needs them, so `--help` and
 `data` stay quick.
@@ -97,6 +100,46 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    from flows.server import api_url, server_command, server_home
+
+    home = Path(args.home) if args.home else server_home()
+    home.mkdir(parents=True, exist_ok=True)
+    argv, env = server_command(args.host, args.port, home)
+    print(f"Prefect server for federated-mnist: PREFECT_HOME={home}", flush=True)
+    print("Point clients (fedmnist serve, prefect deployment run) at it with:", flush=True)
+    print(f"    export PREFECT_API_URL={api_url(args.host, args.port)}", flush=True)
+    os.execve(argv[0], argv, env)  # the server replaces this process: signals reach it directly
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fedcore.errors import FedError
+    from flows.server import api_url, is_healthy
+
+    url = args.api_url or os.environ.get("PREFECT_API_URL") or api_url()
+    os.environ["PREFECT_API_URL"] = url  # before Prefect is imported
+    if not is_healthy(url):
+        print(
+            f"error: no Prefect server answers at {url}; start one with `fedmnist server` "
+            "(or set PREFECT_API_URL / --api-url)",
+            file=sys.stderr,
+        )
+        return 2
+    _setup_env()
+    from flows.deployments import FLOW_NAME, load_deployments, serve
+
+    try:
+        spec = load_deployments(args.deployments)
+    except FedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Serving against PREFECT_API_URL={url}; run a deployment with:", flush=True)
+    for name in spec.deployments:
+        print(f"    prefect deployment run {FLOW_NAME}/{name} --watch", flush=True)
+    serve(args.deployments, limit=args.limit or None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedmnist", description="Federated MNIST on edge devices."
@@ -129,6 +172,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--summary-json", help="write the run summary (accuracies, MLflow run id) here")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("server", help="start this project's Prefect server (SQLite, foreground)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=4200, help="port to listen on (default: 4200)")
+    p.add_argument("--home", help="its PREFECT_HOME (default: $FEDMNIST_HOME/prefect-server)")
+    p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser("serve", help="serve the deployments (seed, lab, jetsons) until stopped")
+    p.add_argument(
+        "--deployments",
+        default="configs/deployments.yaml",
+        help="deployments file (default: configs/deployments.yaml)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=1,
+        help="most trainings run at once by this process, 0 for no limit (default: 1)",
+    )
+    p.add_argument(
+        "--api-url",
+        help="Prefect API (default: $PREFECT_API_URL, else http://127.0.0.1:4200/api)",
+    )
+    p.set_defaults(func=cmd_serve)
+    __import__("flows.models_cli").models_cli.add_parsers(sub)  # fedmnist models, fedmnist ui
+    __import__("flows.devices_cli").devices_cli.add_parsers(sub)  # fedmnist lab, fedmnist workers
     return parser
 
 

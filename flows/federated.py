@@ -21,7 +21,7 @@ import fedcore
 from fedcore import report
 from fedcore.checkpoint import save_weights
 from fedcore.config import ExperimentConfig, WorkerConfig, fedmnist_home, load_config
-from fedcore.errors import DataError, FedError, QuorumNotReached
+from fedcore.errors import DataError, FedError, QuorumNotReached, UpdateRejected
 from fedcore.model import initial_weights, num_parameters
 from fedcore.protocol import TrainRequest, Update
 from fedcore.screening import screen_updates
@@ -30,8 +30,20 @@ from fedcore.session import WorkerSession
 from fedcore.strategies import Failure, build_strategy
 from fedcore.transport.base import Transport, WorkerLaunch
 from fedcore.transport.local import LocalTransport
+from fedcore.transport.ssh import SSHTransport
+from flows.parameters import (
+    ConfigPath,
+    DataDir,
+    LearningRate,
+    Overrides,
+    Rounds,
+    Seed,
+    StrategyName,
+    config_overrides,
+    resolve_config_path,
+)
 from tasks.artifacts import RunArtifacts, summary_markdown
-from tasks.tracking import Tracker, eval_metrics, flatten, round_metrics
+from tasks.tracking import Tracker, flatten, make_tracker, round_metrics, run_name
 from tasks.workers import evaluate_models, start_worker, stop_workers, train_on_worker
 
 FAILURE_CAUSES = {
@@ -43,12 +55,20 @@ FAILURE_CAUSES = {
 
 def make_transport(worker: WorkerConfig) -> Transport:
     """The transport a worker's config names."""
+    if worker.transport == "ssh":
+        assert worker.ssh is not None  # the config validator guarantees it
+        return SSHTransport(worker.ssh, worker.name)
     return LocalTransport()
 
 
 def make_session(cfg: ExperimentConfig, worker: WorkerConfig) -> WorkerSession:
+    if worker.transport == "ssh":  # a path on the device; the ssh section's data_dir otherwise
+        launch = WorkerLaunch(
+            worker.name, worker.data_dir or "", worker.shard(), worker.threads, worker.device
+        )
+        return WorkerSession(launch, make_transport(worker))
     data_dir = cfg.data_dir_for(worker)
-    if worker.transport == "local" and not data_dir.is_dir():
+    if not data_dir.is_dir():
         raise DataError(
             f"worker {worker.name}: data directory {data_dir} does not exist; prepare MNIST with "
             f"`fedmnist data --dir {data_dir}` or set data_dir in the config"
@@ -64,16 +84,48 @@ def run_dir_for(cfg: ExperimentConfig, run_key: str) -> Path:
 
 @flow(name="federated-mnist", log_prints=False)
 def federated_mnist(
-    config_path: str = "configs/seed.yaml", overrides: dict[str, Any] | None = None
+    config_path: ConfigPath = "configs/seed.yaml",
+    overrides: Overrides = None,
+    rounds: Rounds = None,
+    strategy: StrategyName = None,
+    lr: LearningRate = None,
+    seed: Seed = None,
+    data_dir: DataDir = None,
 ) -> dict[str, Any]:
     """Train the MNIST CNN across the configured workers.
 
+    The typed parameters carry their constraints into the flow's parameter schema, so the Prefect
+    server refuses a bad value (`rounds=-1`, an unknown strategy) before a run is created, naming
+    the field; the whole experiment config is validated again here (flows/parameters.py).
+
     Args:
-        config_path: experiment YAML (see configs/).
-        overrides: dotted config overrides, e.g. {"rounds": 2, "train.lr": 0.05}.
+        config_path: experiment YAML (see configs/); a relative path is looked up in the working
+            directory, then in the project checkout.
+        overrides: dotted config overrides, e.g. {"train.steps": 2, "timeouts.train": 60}.
+        rounds: rounds to train, > 0 (default: the config's).
+        strategy: aggregation strategy by name (default: the config's). A different name replaces
+            the config's strategy section with that strategy's defaults; set its options through
+            overrides, e.g. {"strategy.weighting": "samples"}.
+        lr: the workers' initial learning rate train.lr, > 0 (default: the config's).
+        seed: seed of model init and every worker's sampling (default: the config's).
+        data_dir: MNIST directory of the local workers (default: the config's data_dir, else
+            $FEDMNIST_HOME/data/mnist).
+
+    Returns:
+        The run summary: final accuracy, accuracy per evaluated round, checkpoint dir, MLflow run.
+
+    Raises:
+        ConfigError: the config or an override is invalid (the field is named).
+        QuorumNotReached: fewer workers than the quorum returned an update in a round.
     """
-    cfg = load_config(config_path, overrides)
-    return run_training(cfg, config_path)
+    path = resolve_config_path(config_path)
+    cfg = load_config(
+        path,
+        config_overrides(
+            path, overrides, rounds=rounds, strategy=strategy, lr=lr, seed=seed, data_dir=data_dir
+        ),
+    )
+    return run_training(cfg, str(path))
 
 
 def run_training(cfg: ExperimentConfig, config_path: str = "") -> dict[str, Any]:
@@ -86,12 +138,12 @@ def run_training(cfg: ExperimentConfig, config_path: str = "") -> dict[str, Any]
     # Start every worker first: their Python and torch imports overlap MLflow opening its store.
     sessions = {w.name: make_session(cfg, w) for w in cfg.workers}
     starts = {name: start_worker.submit(s, cfg.timeouts.start) for name, s in sessions.items()}
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    tracker = make_tracker(cfg.tracking)
     params = flatten("", cfg.model_dump(mode="json"), {})
     params.update({f"strategy.{k}": str(v) for k, v in strategy.params().items()})
     params["config_hash"] = cfg.config_hash()
     tracker.start_run(
-        run_name=f"{cfg.name}-{strategy.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}",
+        run_name=run_name(cfg.name, strategy.name),
         tags={
             "prefect.flow_run_id": run_key,
             "prefect.flow_run_name": str(flow_run.get_name() or ""),
@@ -101,6 +153,7 @@ def run_training(cfg: ExperimentConfig, config_path: str = "") -> dict[str, Any]
             "strategy": strategy.name,
         },
         params=params,
+        config=cfg.model_dump(mode="json"),
     )
     status = "FAILED"
     try:
@@ -110,6 +163,7 @@ def run_training(cfg: ExperimentConfig, config_path: str = "") -> dict[str, Any]
             logger.info(report.available_numbers(worker.name, split, hello.label_counts))
             if hello.device != "cpu":
                 logger.info("%s runs on %s (torch %s)", worker.name, hello.device, hello.torch)
+        tracker.ensure_ready()  # an unreachable MLflow store stops the training before round 1
         run_dir = run_dir_for(cfg, run_key)
         tracker.set_tag("checkpoint_dir", str(run_dir))
         artifacts = RunArtifacts(cfg.name, cfg.rounds)
@@ -192,7 +246,14 @@ def train_rounds(
         for name, fut in futures.items():
             fut.wait()
             if fut.state.is_completed():
-                updates.append(fut.result())
+                update = fut.result()
+                try:
+                    strategy.check_update(update, weights)
+                except UpdateRejected as rejected:
+                    failures.append(Failure(name, rnd, "rejected", rejected.reason))
+                    logger.warning("Round %d: update from %s rejected: %s", rnd, name, rejected)
+                    continue
+                updates.append(update)
                 continue
             exc = fut.state.result(raise_on_failure=False)
             cause = FAILURE_CAUSES.get(type(exc).__name__, "failed")
@@ -227,7 +288,7 @@ def train_rounds(
             for model, res in results.items():
                 for line in report.evaluation_lines(model, res, groups):
                     logger.info(line)
-            metrics.update(eval_metrics(results, groups))
+            tracker.log_evaluation(rnd, results, groups, path)
             artifacts.evaluation(rnd, results, groups)
             evaluations[rnd] = {m: r.accuracy for m, r in results.items()}
         metrics["round_seconds"] = time.perf_counter() - started

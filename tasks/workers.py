@@ -5,16 +5,23 @@ reference, never hashed or persisted (`NO_CACHE`, `persist_result=False`: a stat
 key doubles a task's cost, FIELD-NOTES). Retries cover transient causes only: a worker that
 dropped or timed out is restarted and asked again; a rejected update or a worker's own error is
 not retried.
+
+A worker program's own log lines (its stderr, or its SSH channel's) arrive on a transport's reader
+thread as records of `fedcore.worker.<name>`. That thread has no Prefect run context, so Prefect's
+API handler would drop them; `start_worker` stamps them with the flow run, so they show in the
+flow run's logs next to the coordinator's.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from fedcore.errors import WorkerUnreachable
 from fedcore.evaluation import EvalResult
@@ -30,6 +37,32 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(exc, TRANSIENT)
 
 
+class FlowRunStamp(logging.Filter):
+    """Attach a flow run id to records that carry none (Prefect files a record under it)."""
+
+    def __init__(self, flow_run_id: str) -> None:
+        super().__init__()
+        self.flow_run_id = flow_run_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "flow_run_id", None):
+            record.flow_run_id = self.flow_run_id
+        return True
+
+
+def forward_worker_logs(worker: str) -> None:
+    """Send `fedcore.worker.<worker>` records (INFO and up) to the current flow run's logs."""
+    logger = logging.getLogger(f"fedcore.worker.{worker}")
+    for old in [f for f in logger.filters if isinstance(f, FlowRunStamp)]:
+        logger.removeFilter(old)  # a previous flow run in this process
+    run_id = flow_run.get_id()
+    if run_id:
+        logger.addFilter(FlowRunStamp(str(run_id)))
+    parent = logging.getLogger("fedcore.worker")
+    if parent.getEffectiveLevel() > logging.INFO:
+        parent.setLevel(logging.INFO)  # Prefect leaves extra loggers at the root's WARNING
+
+
 @task(
     name="start-worker",
     task_run_name="start-{session.name}",
@@ -41,6 +74,7 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
 )
 def start_worker(session: WorkerSession, timeout: float) -> Hello:
     """Start a worker program and wait for its hello (what it holds, what it runs on)."""
+    forward_worker_logs(session.name)
     session.start()
     return session.hello(timeout)
 

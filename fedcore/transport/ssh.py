@@ -63,12 +63,17 @@ WORKER_MODULES = (
 )
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 MIN_PYTHON = (3, 8)
+# AEAD ciphers first: paramiko's default (aes128-ctr + hmac-sha2-256) uploads about half as fast
+# (21 vs 46 MB/s measured on the lab) and every round sends each worker the whole model. Both are
+# OpenSSH defaults too; the server's choice falls back to paramiko's order when it has neither.
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
 class SSHConfig(BaseModel):
     """How to reach one device over SSH. Keys only: passwords are refused."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: a refused password must not be echoed back in the error.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     host: str | None = None  # address or name of the device
     alias: str | None = None  # or a `Host` entry of ssh_config (HostName, Port, User, ...)
@@ -280,6 +285,15 @@ def _auth_error(name: str, ep: Endpoint, role: str, exc: Exception) -> SSHAuthFa
     return SSHAuthFailed(name, f"{role} {ep} refused login with {keys} ({exc}): {fix}")
 
 
+def _transport_factory(sock: Any, **kwargs: Any) -> paramiko.Transport:
+    """paramiko's Transport, with PREFERRED_CIPHERS first."""
+    transport = paramiko.Transport(sock, **kwargs)
+    opts = transport.get_security_options()
+    fast = [c for c in PREFERRED_CIPHERS if c in opts.ciphers]
+    opts.ciphers = tuple(fast + [c for c in opts.ciphers if c not in fast])
+    return transport
+
+
 class _Connection:
     """An authenticated SSH client to the device, and the bastion clients it runs through."""
 
@@ -339,6 +353,7 @@ def _connect_hop(
             sock=sock,
             allow_agent=True,
             look_for_keys=not ep.identity_files,
+            transport_factory=_transport_factory,
         )
     except (_KeyNotKnown, paramiko.BadHostKeyException) as exc:
         client.close()

@@ -1,0 +1,136 @@
+"""What a training needs to resume after the coordinator died: written atomically every round.
+
+After round k the run folder holds `global-r<k>.safetensors` (the model),
+`strategy-r<k>.safetensors` (the strategy's tensors, e.g. momentum buffers, control variates) and
+`state.json`: the config, the
+last completed round, the strategy's JSON values, the round's metrics and the MLflow run id. The
+model and strategy files are written first and `state.json` last (temp file + rename), so
+`state.json` never names a round whose files are incomplete. Workers need nothing: their sampling
+seeds derive from (seed, worker, round), and a worker that lost its SCAFFOLD control variate
+re-synchronises (fedcore.local_algorithms).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import tensorcodec
+from .checkpoint import load_weights, save_weights
+from .errors import ConfigError
+from .strategies.base import StrategyState
+
+STATE_FILE = "state.json"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where an interrupted training stands: its last completed round and everything to go on."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    round: int
+    weights: dict[str, torch.Tensor]
+    strategy: StrategyState
+    metrics: dict[str, float]
+    mlflow_run_id: str | None
+    config_path: str
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_round(
+    run_dir: Path,
+    *,
+    config: Mapping[str, Any],
+    config_path: str,
+    round: int,
+    weights: Mapping[str, torch.Tensor],
+    strategy: StrategyState,
+    metrics: Mapping[str, float],
+    mlflow_run_id: str | None,
+    meta: Mapping[str, object],
+) -> Path:
+    """Record round `round` as completed; returns the model file's path."""
+    model = save_weights(
+        run_dir / f"global-r{round:03d}.safetensors", weights, {**meta, "round": round}
+    )
+    strategy_file = run_dir / f"strategy-r{round:03d}.safetensors"
+    _atomic_write(strategy_file, tensorcodec.dumps(strategy.tensors))
+    state = {
+        "round": round,
+        "config": config,
+        "config_path": config_path,
+        "model_file": model.name,
+        "strategy": {
+            "name": strategy.strategy,
+            "file": strategy_file.name,
+            "values": strategy.values,
+        },
+        "metrics": dict(metrics),
+        "mlflow_run_id": mlflow_run_id,
+    }
+    _atomic_write(run_dir / STATE_FILE, json.dumps(state, indent=1, default=float).encode())
+    previous = run_dir / f"strategy-r{round - 1:03d}.safetensors"
+    previous.unlink(missing_ok=True)  # only the latest strategy state is needed
+    return model
+
+
+def find_run_dir(ref: str, runs_root: Path) -> Path:
+    """A run folder from a path, a folder name under `runs_root`, or an MLflow run id."""
+    for candidate in (Path(ref).expanduser(), runs_root / ref):
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    if runs_root.is_dir():
+        for state in sorted(runs_root.glob(f"*/{STATE_FILE}")):
+            try:
+                if json.loads(state.read_text()).get("mlflow_run_id") == ref:
+                    return state.parent
+            except (OSError, ValueError):
+                continue
+    raise ConfigError(
+        f"no interrupted training {ref!r}: give a run folder (it holds {STATE_FILE}), its name "
+        f"under {runs_root}, or its MLflow run id"
+    )
+
+
+def load_resume_point(run_dir: Path) -> ResumePoint:
+    """Read what `write_round` wrote last.
+
+    Raises:
+        ConfigError: the folder has no complete round.
+    """
+    try:
+        state = json.loads((run_dir / STATE_FILE).read_text())
+        weights, _ = load_weights(run_dir / state["model_file"])
+        tensors, _ = tensorcodec.loads((run_dir / state["strategy"]["file"]).read_bytes())
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{run_dir} holds no complete round to resume from: {exc}") from None
+    return ResumePoint(
+        run_dir=run_dir,
+        config=state["config"],
+        round=int(state["round"]),
+        weights=weights,
+        strategy=StrategyState(state["strategy"]["name"], tensors, state["strategy"]["values"]),
+        metrics={k: float(v) for k, v in state.get("metrics", {}).items()},
+        mlflow_run_id=state.get("mlflow_run_id"),
+        config_path=state.get("config_path", ""),
+    )

@@ -1,0 +1,249 @@
+"""`fedmnist models` and `fedmnist ui`: the registered model versions, and the MLflow UI.
+
+  fedmnist models list                          versions with round, accuracy, aliases
+  fedmnist models export VERSION|ALIAS --out F  write that version's safetensors file
+  fedmnist models evaluate VERSION|ALIAS        load it, score it on the MNIST test set here
+  fedmnist ui [--port 5000]                     `mlflow ui` on the project's store
+
+Each takes `--tracking-uri` (default: $MLFLOW_TRACKING_URI, else the project's SQLite store
+$FEDMNIST_HOME/mlflow.db: where `fedmnist run` records when the config names no store).
+`evaluate` runs in this process: it loads the version through MLflow (the pyfunc of
+tasks/mlflow_model.py, weights from safetensors) and scores it with fedcore.evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REGISTERED_MODEL = "federated-mnist-cnn"  # tasks.tracking.REGISTERED_MODEL, kept import-free
+
+
+def add_parsers(sub: Any) -> None:
+    """Add the `models` and `ui` subcommands to `fedmnist`'s subparsers."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--tracking-uri",
+        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///$FEDMNIST_HOME/mlflow.db)",
+    )
+    common.add_argument(
+        "--name", default=REGISTERED_MODEL, help=f"registered model (default: {REGISTERED_MODEL})"
+    )
+
+    models = sub.add_parser("models", help="list, export and evaluate registered model versions")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    p = msub.add_parser("list", parents=[common], help="versions with round, accuracy, aliases")
+    p.set_defaults(func=cmd_list)
+    ref_help = "a version number (3) or an alias (champion, current)"
+    p = msub.add_parser("export", parents=[common], help="write a version's safetensors file")
+    p.add_argument("ref", metavar="VERSION|ALIAS", help=ref_help)
+    p.add_argument("--out", required=True, help="file to write (.safetensors)")
+    p.set_defaults(func=cmd_export)
+    p = msub.add_parser(
+        "evaluate", parents=[common], help="load a version and score it on the MNIST test set"
+    )
+    p.add_argument("ref", metavar="VERSION|ALIAS", help=ref_help)
+    p.add_argument("--data-dir", help="MNIST directory (default: $FEDMNIST_HOME/data/mnist)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("ui", help="open the MLflow UI on the project's store (mlflow ui)")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///$FEDMNIST_HOME/mlflow.db)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5000, help="port to listen on (default: 5000)")
+    p.add_argument("--print-command", action="store_true", help="print the command, do not run it")
+    p.set_defaults(func=cmd_ui)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _uri(args: argparse.Namespace) -> str:
+    from tasks.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(args.tracking_uri)
+
+
+def _client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _error(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 1
+
+
+def resolve_version(client: Any, name: str, ref: str) -> Any:
+    """The `ModelVersion` named by a version number or an alias.
+
+    Raises:
+        LookupError: no such registered model, version or alias (the message lists what exists).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException:
+        raise LookupError(f"no registered model {name!r} in this store") from None
+    if ref.isdigit():
+        try:
+            return client.get_model_version(name, ref)
+        except MlflowException:
+            raise LookupError(f"{name} has no version {ref}") from None
+    version = registered.aliases.get(ref)
+    if version is None:
+        known = ", ".join(sorted(registered.aliases)) or "none"
+        raise LookupError(f"{name} has no alias {ref!r} (aliases: {known})")
+    return client.get_model_version(name, str(version))
+
+
+def _download(client: Any, uri: str, version: Any, dest: Path) -> Path:
+    """The version's MLflow model directory, downloaded under `dest`.
+
+    Resolved through `client` (its store), not `models:/` URIs: MLflow 3.17 resolves those
+    through the process-wide registry URI whatever `tracking_uri` is passed, and on a default
+    setup creates ./mlflow.db in the current directory.
+    """
+    from mlflow.artifacts import download_artifacts
+
+    location = client.get_model_version_download_uri(version.name, version.version)
+    return Path(download_artifacts(artifact_uri=location, dst_path=str(dest), tracking_uri=uri))
+
+
+def _aliases(client: Any, name: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for alias, version in client.get_registered_model(name).aliases.items():
+        out.setdefault(str(version), []).append(alias)
+    return out
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    uri = _uri(args)
+    client = _client(uri)
+    try:
+        aliases = _aliases(client, args.name)
+    except Exception as exc:  # noqa: BLE001 - shown as the store's answer
+        return _error(f"{uri}: cannot read registered model {args.name!r}: {exc}")
+    versions = sorted(
+        client.search_model_versions(f"name='{args.name}'"), key=lambda v: int(v.version)
+    )
+    print(f"{args.name} in {uri}: {len(versions)} version(s)")
+    print(f"{'version':>7}  {'round':>5}  {'accuracy':>8}  {'aliases':<18} run")
+    for v in versions:
+        tags = v.tags or {}
+        acc = tags.get("accuracy")
+        shown = f"{100 * float(acc):.2f}%" if acc else "-"
+        names = ",".join(sorted(aliases.get(str(v.version), []))) or "-"
+        print(f"{v.version:>7}  {tags.get('round', '-'):>5}  {shown:>8}  {names:<18} {v.run_id}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedcore.checkpoint import load_weights
+    from tasks.mlflow_model import WEIGHTS_FILE
+
+    uri = _uri(args)
+    client = _client(uri)
+    try:
+        version = resolve_version(client, args.name, args.ref)
+    except LookupError as exc:
+        return _error(f"{uri}: {exc}")
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(prefix="fedmnist-export-") as tmp:
+        model_dir = _download(client, uri, version, Path(tmp))
+        weights = model_dir / "artifacts" / WEIGHTS_FILE
+        _, meta = load_weights(weights)  # validate before writing anything
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(weights, out)
+    print(
+        f"wrote {out}: {args.name} version {version.version} (round {meta.get('round', '?')}, "
+        f"strategy {meta.get('strategy', '?')}, config {meta.get('config_hash', '?')})"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fedcore.config import default_data_dir
+    from fedcore.errors import FedError
+    from fedcore.evaluation import evaluate
+    from fedcore.mnist import load_shard
+    from fedcore.report import evaluation_lines
+    from fedcore.shards import ShardSpec
+    from tasks import mlflow_model
+
+    uri = _uri(args)
+    client = _client(uri)
+    try:
+        version = resolve_version(client, args.name, args.ref)
+    except LookupError as exc:
+        return _error(f"{uri}: {exc}")
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    try:
+        images, labels = load_shard(str(data_dir), ShardSpec(split="test"))
+    except FedError as exc:
+        return _error(str(exc))
+    tags = version.tags or {}
+    groups = json.loads(tags.get("groups", "[]"))
+    with tempfile.TemporaryDirectory(prefix="fedmnist-eval-") as tmp:
+        model = mlflow_model.load(_download(client, uri, version, Path(tmp)))
+    result = evaluate(model.net, images, labels, groups)
+    names = ",".join(sorted(_aliases(client, args.name).get(str(version.version), [])))
+    print(
+        f"{args.name} version {version.version}"
+        + (f" ({names})" if names else "")
+        + f": round {tags.get('round', '?')} of run {version.run_id}"
+    )
+    for line in evaluation_lines("federated", result, groups):
+        print(line)
+    logged = tags.get("correct")
+    if logged is None:
+        return 0
+    if int(logged) == result.correct:
+        print(f"Matches the logged accuracy ({logged}/{tags.get('total', '?')}).")
+        return 0
+    print(f"Differs from the logged accuracy {logged}/{tags.get('total', '?')}.", file=sys.stderr)
+    return 1
+
+
+def ui_command(uri: str, host: str, port: int) -> list[str]:
+    """`mlflow ui` serving the store `uri`; a SQLite store's artifacts stay beside it."""
+    from tasks.tracking import artifact_root_for
+
+    mlflow = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri", uri]
+    root = artifact_root_for(uri)
+    if root is not None:
+        cmd += ["--artifacts-destination", str(root)]
+    return cmd + ["--host", host, "--port", str(port)]
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from tasks.tracking import is_server
+
+    uri = _uri(args)
+    if is_server(uri):
+        print(f"The store is an MLflow server: open {uri}")
+        return 0
+    cmd = ui_command(uri, args.host, args.port)
+    if args.print_command:
+        print(" ".join(cmd))
+        return 0
+    print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(cmd, env=dict(os.environ))
+    except KeyboardInterrupt:
+        return 0
