@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -20,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import ConfigError
 from .shards import ShardSpec
 from .strategies import StrategyConfig
-from .transport.ssh import SSHConfig
 from .training import TrainPlan
+from .transport.ssh import SSHConfig
 
 
 class Strict(BaseModel):
@@ -163,7 +164,12 @@ class ExperimentConfig(Strict):
     strategy: StrategyConfig = StrategyConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     workers: list[WorkerConfig]
-    quorum: PositiveInt | None = None  # updates needed for a round to count; default: every trainer
+    # updates a round needs: a count (2) or a fraction of the trainers (0.5); default: all of them
+    quorum: PositiveInt | Annotated[float, Field(gt=0, le=1)] | None = None
+    below_quorum: Literal["fail", "retry"] = "fail"  # what a round short of its quorum does
+    round_retries: Annotated[int, Field(ge=0)] = (
+        2  # with below_quorum: retry, tries after the first
+    )
     data_dir: str | None = None  # default: $FEDMNIST_HOME/data/mnist
     timeouts: TimeoutConfig = TimeoutConfig()
     screening: ScreeningConfig = ScreeningConfig()
@@ -179,7 +185,7 @@ class ExperimentConfig(Strict):
             raise ValueError("at least one worker needs role: trainer")
         if len(self.evaluators) > 1:
             raise ValueError("at most one worker may have role: evaluator")
-        if self.quorum is not None and self.quorum > len(self.trainers):
+        if isinstance(self.quorum, int) and self.quorum > len(self.trainers):
             raise ValueError(f"quorum {self.quorum} exceeds the {len(self.trainers)} trainers")
         return self
 
@@ -199,7 +205,12 @@ class ExperimentConfig(Strict):
         return groups if len(groups) == len(self.trainers) else []
 
     def required_updates(self) -> int:
-        return self.quorum or len(self.trainers)
+        """Valid updates a round needs (a fraction of the trainers rounds up)."""
+        if self.quorum is None:
+            return len(self.trainers)
+        if isinstance(self.quorum, float):
+            return max(1, math.ceil(self.quorum * len(self.trainers) - 1e-9))
+        return self.quorum
 
     def data_dir_for(self, worker: WorkerConfig) -> Path:
         return Path(worker.data_dir or self.data_dir or default_data_dir()).expanduser()

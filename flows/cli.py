@@ -68,6 +68,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedcore.errors import FedError
 
     overrides = _parse_set(args.set)
+    if args.resume:
+        if args.config or overrides:
+            print(
+                "error: --resume continues a training with its own config: give no config "
+                "and no --set (only --rounds, to extend it)",
+                file=sys.stderr,
+            )
+            return 2
+        return _resume(args)
+    if not args.config:
+        print("error: give a config (e.g. configs/seed.yaml) or --resume RUN", file=sys.stderr)
+        return 2
     if args.rounds is not None:
         overrides["rounds"] = args.rounds
     try:
@@ -90,6 +102,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.federated import federated_mnist
 
     state = federated_mnist(args.config, overrides, return_state=True)
+    return _finish(state, args)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from fedcore.config import fedmnist_home
+    from fedcore.errors import FedError
+    from fedcore.resume import find_run_dir, load_resume_point
+
+    try:  # fail before Prefect starts
+        point = load_resume_point(find_run_dir(args.resume, fedmnist_home() / "runs"))
+    except FedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"resuming {point.run_dir.name} after round {point.round}")
+    _setup_env()
+    from flows.federated import federated_mnist
+
+    state = federated_mnist(rounds=args.rounds, resume=str(point.run_dir), return_state=True)
+    return _finish(state, args)
+
+
+def _finish(state: Any, args: argparse.Namespace) -> int:
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)
         print(f"error: training failed: {exc}", file=sys.stderr)
@@ -161,8 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("run", help="run a training through the Prefect flow")
-    p.add_argument("config", help="experiment YAML, e.g. configs/seed.yaml")
+    p.add_argument("config", nargs="?", help="experiment YAML, e.g. configs/seed.yaml")
     p.add_argument("--rounds", type=int, help="override the number of rounds (default: config's)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue an interrupted training from its last completed round: its run folder, "
+        "the folder's name under $FEDMNIST_HOME/runs, or its MLflow run id",
+    )
     p.add_argument(
         "--set",
         action="append",

@@ -12,18 +12,19 @@ import dataclasses
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from pydantic import Field
 
 import fedcore
 from fedcore import report
-from fedcore.checkpoint import save_weights
-from fedcore.config import ExperimentConfig, WorkerConfig, fedmnist_home, load_config
+from fedcore.config import ExperimentConfig, WorkerConfig, fedmnist_home, load_config, parse_config
 from fedcore.errors import DataError, FedError, QuorumNotReached, UpdateRejected
 from fedcore.model import initial_weights, num_parameters
 from fedcore.protocol import TrainRequest, Update
+from fedcore.resume import ResumePoint, find_run_dir, load_resume_point, write_round
 from fedcore.screening import screen_updates
 from fedcore.seeding import derive_seed
 from fedcore.session import WorkerSession
@@ -43,7 +44,7 @@ from flows.parameters import (
     resolve_config_path,
 )
 from tasks.artifacts import RunArtifacts, summary_markdown
-from tasks.tracking import Tracker, flatten, make_tracker, round_metrics, run_name
+from tasks.tracking import Tracker, eval_metrics, flatten, make_tracker, round_metrics, run_name
 from tasks.workers import evaluate_models, start_worker, stop_workers, train_on_worker
 
 FAILURE_CAUSES = {
@@ -91,6 +92,7 @@ def federated_mnist(
     lr: LearningRate = None,
     seed: Seed = None,
     data_dir: DataDir = None,
+    resume: Annotated[str | None, Field(min_length=1)] = None,
 ) -> dict[str, Any]:
     """Train the MNIST CNN across the configured workers.
 
@@ -110,6 +112,9 @@ def federated_mnist(
         seed: seed of model init and every worker's sampling (default: the config's).
         data_dir: MNIST directory of the local workers (default: the config's data_dir, else
             $FEDMNIST_HOME/data/mnist).
+        resume: an interrupted training to continue from its last completed round: its run
+            folder, that folder's name under $FEDMNIST_HOME/runs, or its MLflow run id. The
+            training keeps its own config (`rounds` may extend it) and its MLflow run.
 
     Returns:
         The run summary: final accuracy, accuracy per evaluated round, checkpoint dir, MLflow run.
@@ -118,6 +123,12 @@ def federated_mnist(
         ConfigError: the config or an override is invalid (the field is named).
         QuorumNotReached: fewer workers than the quorum returned an update in a round.
     """
+    if resume is not None:
+        point = load_resume_point(find_run_dir(resume, fedmnist_home() / "runs"))
+        raw = dict(point.config)
+        if rounds is not None:
+            raw["rounds"] = rounds
+        return run_training(parse_config(raw, f"resumed {point.run_dir}"), point.config_path, point)
     path = resolve_config_path(config_path)
     cfg = load_config(
         path,
@@ -128,8 +139,10 @@ def federated_mnist(
     return run_training(cfg, str(path))
 
 
-def run_training(cfg: ExperimentConfig, config_path: str = "") -> dict[str, Any]:
-    """The training itself, inside a flow run."""
+def run_training(
+    cfg: ExperimentConfig, config_path: str = "", resume: ResumePoint | None = None
+) -> dict[str, Any]:
+    """The training itself, inside a flow run (continuing `resume` when given)."""
     logger = get_run_logger()
     run_key = str(flow_run.get_id() or "local")
     strategy = build_strategy(cfg.strategy)
@@ -142,19 +155,22 @@ def run_training(cfg: ExperimentConfig, config_path: str = "") -> dict[str, Any]
     params = flatten("", cfg.model_dump(mode="json"), {})
     params.update({f"strategy.{k}": str(v) for k, v in strategy.params().items()})
     params["config_hash"] = cfg.config_hash()
-    tracker.start_run(
-        run_name=run_name(cfg.name, strategy.name),
-        tags={
-            "prefect.flow_run_id": run_key,
-            "prefect.flow_run_name": str(flow_run.get_name() or ""),
-            "config_path": config_path,
-            "config_hash": cfg.config_hash(),
-            "fedcore_version": fedcore.__version__,
-            "strategy": strategy.name,
-        },
-        params=params,
-        config=cfg.model_dump(mode="json"),
-    )
+    if resume is not None and resume.mlflow_run_id:
+        tracker.resume_run(resume.mlflow_run_id, resume.round, resume.metrics)
+    else:
+        tracker.start_run(
+            run_name=run_name(cfg.name, strategy.name),
+            tags={
+                "prefect.flow_run_id": run_key,
+                "prefect.flow_run_name": str(flow_run.get_name() or ""),
+                "config_path": config_path,
+                "config_hash": cfg.config_hash(),
+                "fedcore_version": fedcore.__version__,
+                "strategy": strategy.name,
+            },
+            params=params,
+            config=cfg.model_dump(mode="json"),
+        )
     status = "FAILED"
     try:
         for worker in cfg.workers:
@@ -164,10 +180,22 @@ def run_training(cfg: ExperimentConfig, config_path: str = "") -> dict[str, Any]
             if hello.device != "cpu":
                 logger.info("%s runs on %s (torch %s)", worker.name, hello.device, hello.torch)
         tracker.ensure_ready()  # an unreachable MLflow store stops the training before round 1
-        run_dir = run_dir_for(cfg, run_key)
+        run_dir = resume.run_dir if resume is not None else run_dir_for(cfg, run_key)
+        run_dir.mkdir(parents=True, exist_ok=True)
         tracker.set_tag("checkpoint_dir", str(run_dir))
         artifacts = RunArtifacts(cfg.name, cfg.rounds)
-        summary = train_rounds(cfg, sessions, strategy, groups, tracker, run_dir, artifacts)
+        if resume is not None:
+            strategy.load_state_dict(resume.strategy)
+            logger.info(
+                "Resuming %s after round %d of %d from %s",
+                cfg.name,
+                resume.round,
+                cfg.rounds,
+                run_dir,
+            )
+        summary = train_rounds(
+            cfg, sessions, strategy, groups, tracker, run_dir, artifacts, config_path, resume
+        )
         status = "FINISHED"
         try:
             summary["mlflow_run_id"] = tracker.wait_run_id(timeout=60)
@@ -196,12 +224,17 @@ def train_rounds(
     tracker: Tracker,
     run_dir: Path,
     artifacts: RunArtifacts,
+    config_path: str = "",
+    resume: ResumePoint | None = None,
 ) -> dict[str, Any]:
-    """Rounds 1..R: train in parallel, aggregate, checkpoint, evaluate when due, record."""
+    """Rounds 1..R: train in parallel, aggregate, evaluate when due, write the round's state,
+    then record it (so a resumed training never logs a round twice)."""
     logger = get_run_logger()
     trainers = [w.name for w in cfg.trainers]
     evaluator = cfg.evaluators[0].name if cfg.evaluators else None
-    weights = initial_weights(cfg.seed)
+    weights = resume.weights if resume is not None else initial_weights(cfg.seed)
+    first = resume.round + 1 if resume is not None else 1
+    config_json = cfg.model_dump(mode="json")
     logger.info(
         "Training %s: %d rounds over %s with strategy %s (%d parameters); evaluator: %s",
         cfg.name,
@@ -218,66 +251,25 @@ def train_rounds(
         "config_hash": cfg.config_hash(),
         "seed": cfg.seed,
     }
-    for rnd in range(1, cfg.rounds + 1):
+    for rnd in range(first, cfg.rounds + 1):
         started = time.perf_counter()
         logger.info("Training round %d/%d", rnd, cfg.rounds)
-        plan = cfg.train.plan(rnd)
-        overrides = getattr(strategy, "plan_overrides", lambda: {})()
-        if overrides:
-            plan = dataclasses.replace(plan, **overrides)
-        futures = {
-            name: train_on_worker.submit(
-                sessions[name],
-                name,
-                rnd,
-                TrainRequest(
-                    rnd,
-                    plan,
-                    derive_seed(cfg.seed, name, rnd),
-                    weights,
-                    strategy.extras_for(name, rnd),
-                ),
-                cfg.timeouts.train,
-            )
-            for name in trainers
-        }
-        updates: list[Update] = []
-        failures: list[Failure] = []
-        for name, fut in futures.items():
-            fut.wait()
-            if fut.state.is_completed():
-                update = fut.result()
-                try:
-                    strategy.check_update(update, weights)
-                except UpdateRejected as rejected:
-                    failures.append(Failure(name, rnd, "rejected", rejected.reason))
-                    logger.warning("Round %d: update from %s rejected: %s", rnd, name, rejected)
-                    continue
-                updates.append(update)
-                continue
-            exc = fut.state.result(raise_on_failure=False)
-            cause = FAILURE_CAUSES.get(type(exc).__name__, "failed")
-            failures.append(Failure(name, rnd, cause, str(exc)))
-            logger.warning("Round %d: %s dropped (%s): %s", rnd, name, cause, exc)
-        screened = screen_updates(updates, weights, cfg.screening.norm_factor)
-        for name, reason in screened.dropped:
-            failures.append(Failure(name, rnd, "rejected", reason))
-            logger.warning("Round %d: update from %s rejected: %s", rnd, name, reason)
-        updates = screened.kept
-        if len(updates) < cfg.required_updates():
-            raise QuorumNotReached(
-                f"round {rnd}: {len(updates)} of {len(trainers)} workers returned an update, "
-                f"{cfg.required_updates()} needed; failed: "
-                + "; ".join(f"{f.worker} ({f.cause}: {f.message})" for f in failures)
-            )
+        plan = dataclasses.replace(cfg.train.plan(rnd), **strategy.plan_overrides())
+        for attempt in range(1 + (cfg.round_retries if cfg.below_quorum == "retry" else 0)):
+            try:
+                updates, failures = train_round(cfg, sessions, strategy, rnd, plan, weights)
+                break
+            except QuorumNotReached as exc:
+                if cfg.below_quorum == "fail" or attempt == cfg.round_retries:
+                    raise
+                logger.warning(
+                    "%s; trying round %d again (%d of %d)", exc, rnd, attempt + 1, cfg.round_retries
+                )
         weights = strategy.aggregate(rnd, weights, updates, failures)
-        path = save_weights(
-            run_dir / f"global-r{rnd:03d}.safetensors", weights, {**meta_base, "round": rnd}
-        )
-        tracker.log_artifact(path, "models")
         metrics = round_metrics(updates, failures)
         metrics["lr"] = plan.lr
         losses = ", ".join(f"{u.worker} {u.metrics.loss:.3f}" for u in updates)
+        results = None
         if evaluator and cfg.evaluation.due(rnd, cfg.rounds):
             models = {u.worker: u.weights for u in updates} if cfg.evaluation.workers else {}
             models["federated"] = weights
@@ -288,10 +280,24 @@ def train_rounds(
             for model, res in results.items():
                 for line in report.evaluation_lines(model, res, groups):
                     logger.info(line)
-            tracker.log_evaluation(rnd, results, groups, path)
-            artifacts.evaluation(rnd, results, groups)
             evaluations[rnd] = {m: r.accuracy for m, r in results.items()}
         metrics["round_seconds"] = time.perf_counter() - started
+        # The round is complete once its state is on disk; only then is it recorded.
+        path = write_round(
+            run_dir,
+            config=config_json,
+            config_path=config_path,
+            round=rnd,
+            weights=weights,
+            strategy=strategy.state_dict(),
+            metrics={**metrics, **(eval_metrics(results, groups) if results else {})},
+            mlflow_run_id=tracker.run_id_or_none(),
+            meta=meta_base,
+        )
+        tracker.log_artifact(path, "models")
+        if results is not None:
+            tracker.log_evaluation(rnd, results, groups, path)
+            artifacts.evaluation(rnd, results, groups)
         tracker.log_metrics(metrics, step=rnd)
         artifacts.round_done(rnd)
         logger.info(
@@ -313,6 +319,66 @@ def train_rounds(
         "evaluations": evaluations,
         "checkpoint_dir": str(run_dir),
     }
+
+
+def train_round(
+    cfg: ExperimentConfig,
+    sessions: dict[str, WorkerSession],
+    strategy: Any,
+    rnd: int,
+    plan: Any,
+    weights: dict[str, Any],
+) -> tuple[list[Update], list[Failure]]:
+    """One attempt at round `rnd`: every trainer in parallel, each until its deadline
+    (`timeouts.train`); returns the valid updates and the failures, or raises QuorumNotReached."""
+    logger = get_run_logger()
+    trainers = [w.name for w in cfg.trainers]
+    futures = {
+        name: train_on_worker.submit(
+            sessions[name],
+            name,
+            rnd,
+            TrainRequest(
+                rnd,
+                plan,
+                derive_seed(cfg.seed, name, rnd),
+                weights,
+                strategy.extras_for(name, rnd),
+            ),
+            cfg.timeouts.train,
+        )
+        for name in trainers
+    }
+    updates: list[Update] = []
+    failures: list[Failure] = []
+    for name, fut in futures.items():
+        fut.wait()
+        if fut.state.is_completed():
+            update = fut.result()
+            try:
+                strategy.check_update(update, weights)
+            except UpdateRejected as rejected:
+                failures.append(Failure(name, rnd, "rejected", rejected.reason))
+                logger.warning("Round %d: update from %s rejected: %s", rnd, name, rejected)
+                continue
+            updates.append(update)
+            continue
+        exc = fut.state.result(raise_on_failure=False)
+        cause = FAILURE_CAUSES.get(type(exc).__name__, "failed")
+        failures.append(Failure(name, rnd, cause, str(exc)))
+        logger.warning("Round %d: %s dropped (%s): %s", rnd, name, cause, exc)
+    screened = screen_updates(updates, weights, cfg.screening.norm_factor)
+    for name, reason in screened.dropped:
+        failures.append(Failure(name, rnd, "rejected", reason))
+        logger.warning("Round %d: update from %s rejected: %s", rnd, name, reason)
+    updates = screened.kept
+    if len(updates) < cfg.required_updates():
+        raise QuorumNotReached(
+            f"round {rnd}: {len(updates)} of {len(trainers)} workers returned an update, "
+            f"{cfg.required_updates()} needed; failed: "
+            + "; ".join(f"{f.worker} ({f.cause}: {f.message})" for f in failures)
+        )
+    return updates, failures
 
 
 __all__ = ["federated_mnist", "run_training", "FedError"]

@@ -409,6 +409,32 @@ class Tracker:
 
         self._submit(job)
 
+    def resume_run(self, run_id: str, round: int, metrics: Mapping[str, float]) -> None:
+        """Continue an interrupted training's run: mark it running again and log round `round`'s
+        metrics when they never reached the store (the coordinator died with them queued)."""
+
+        def job(_: Any) -> None:
+            from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
+
+            if is_server(self.uri):
+                check_server(self.uri)
+            client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            run = client.get_run(run_id)
+            self.experiment_id = run.info.experiment_id
+            client.update_run(run_id, status="RUNNING")
+            self._client = client
+            steps = {m.step for m in client.get_metric_history(run_id, "round_seconds")}
+            if round not in steps and metrics:
+                ts = int(time.time() * 1000)
+                batch = [Metric(k, float(v), ts, round) for k, v in metrics.items()]
+                for i in range(0, len(batch), 1000):
+                    client.log_batch(run_id, metrics=batch[i : i + 1000])
+            client.set_tag(run_id, "resumed_after_round", str(round))
+            self.run_id.set_result(run_id)
+
+        self._submit(job)
+
     def ensure_ready(self, timeout: float | None = None) -> str:
         """Wait until the run exists; call before round 1 so a bad store stops the training.
 
@@ -617,6 +643,12 @@ class Tracker:
             errors.append(f"{self._skipped} MLflow call(s) skipped after the store failed")
         return errors
 
+    def run_id_or_none(self) -> str | None:
+        """The run id when the run is open (without waiting), else None."""
+        if self.run_id.done() and self.run_id.exception() is None:
+            return self.run_id.result()
+        return None
+
     def wait_run_id(self, timeout: float = 120.0) -> str:
         return self.run_id.result(timeout)
 
@@ -640,6 +672,8 @@ class NullTracker:
 
     def start_run(self, *args: Any, **kwargs: Any) -> None: ...
 
+    def resume_run(self, *args: Any, **kwargs: Any) -> None: ...
+
     def ensure_ready(self, timeout: float | None = None) -> None: ...
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
@@ -656,6 +690,9 @@ class NullTracker:
 
     def close(self, status: str = "FINISHED", timeout: float = 300.0) -> list[str]:
         return []
+
+    def run_id_or_none(self) -> None:
+        return None
 
     def wait_run_id(self, timeout: float = 120.0) -> None:
         return None

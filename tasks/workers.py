@@ -23,7 +23,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from fedcore.errors import WorkerUnreachable
+from fedcore.errors import WorkerTimeout, WorkerUnreachable
 from fedcore.evaluation import EvalResult
 from fedcore.protocol import Hello, TrainRequest, Update
 from fedcore.session import WorkerSession
@@ -32,9 +32,10 @@ TRANSIENT = (WorkerUnreachable,)  # includes WorkerTimeout
 
 
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only when the worker dropped or timed out."""
+    """Retry only when the worker dropped (it is restarted). A worker that ran past its deadline
+    is not retried: the round's deadline has passed and the round goes on without it."""
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, TRANSIENT)
+    return isinstance(exc, TRANSIENT) and not isinstance(exc, WorkerTimeout)
 
 
 class FlowRunStamp(logging.Filter):
