@@ -99,6 +99,7 @@ class WorkerConfig(Strict):
     iid: IIDPart | None = None
     data_dir: str | None = None  # default: the experiment's data_dir
     threads: Annotated[int, Field(ge=0)] = 1  # torch threads; 0 = torch's default
+    python: str | None = None  # local transport: the interpreter (default: the coordinator's)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")

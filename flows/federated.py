@@ -59,7 +59,7 @@ def make_transport(worker: WorkerConfig) -> Transport:
     if worker.transport == "ssh":
         assert worker.ssh is not None  # the config validator guarantees it
         return SSHTransport(worker.ssh, worker.name)
-    return LocalTransport()
+    return LocalTransport(worker.python)
 
 
 def make_session(cfg: ExperimentConfig, worker: WorkerConfig) -> WorkerSession:

@@ -488,7 +488,7 @@ def _fedcore_imports(module: str) -> set[str]:
                 found.add(node.module.split(".")[0])
             elif node.level == 1:  # from . import x, y
                 found.update(a.name for a in node.names)
-            elif node.level == 0 and (node.module or "").startswith("fedcore."):
+            elif node.level == 0 and node.module and node.module.startswith("fedcore."):
                 found.add(node.module.split(".")[1])
     return {m for m in found if (PACKAGE_DIR / f"{m}.py").is_file()}
 

@@ -1,0 +1,519 @@
+"""The ssh transport end to end, against real OpenSSH servers: the loopback Jetson lab.
+
+Every device is an sshd on 127.0.0.1 with its own host key, Linux user and shard (fedcore.lab).
+Nothing is mocked: host keys, logins, the agentless bootstrap over SFTP and the worker program all
+run for real. Skipped, with the reason, where sshd cannot be installed or started.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydantic
+import pytest
+import torch
+
+from fedcore.errors import HostKeyMismatch, WorkerFailed, WorkerTimeout, WorkerUnreachable
+from fedcore.lab import LabError, LabInfo, kill_host, lab_down, lab_status, lab_up, user_name
+from fedcore.model import initial_weights
+from fedcore.protocol import TrainRequest
+from fedcore.seeding import derive_seed
+from fedcore.session import WorkerSession
+from fedcore.shards import ShardSpec
+from fedcore.strategies import build_strategy
+from fedcore.training import TrainPlan
+from fedcore.transport.base import WorkerLaunch
+from fedcore.transport.local import LocalTransport
+from fedcore.transport.ssh import (
+    WORKER_MODULES,
+    ChangedHostKey,
+    RemoteSetupError,
+    SSHAuthFailed,
+    SSHConfig,
+    SSHTransport,
+    UnknownHostKey,
+    code_bundle,
+    fetch_host_key,
+    probe,
+    trust,
+    worker_modules,
+)
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+SEED_SHARDS = {
+    "alice": ShardSpec.by_labels(range(0, 4)),
+    "bob": ShardSpec.by_labels(range(4, 7)),
+    "charlie": ShardSpec.by_labels(range(7, 10)),
+    "testing": ShardSpec(split="test"),
+}
+TRAINERS = ("alice", "bob", "charlie")
+IS_ROOT = os.geteuid() == 0
+
+
+def _lab_dir(prefix: str) -> Path:
+    """A fresh folder other users can enter (mkdtemp makes it 700; pytest's tmp_path is too)."""
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    d.chmod(0o755)
+    return d
+
+
+def _start_lab(
+    request: pytest.FixtureRequest, prefix: str, shards: dict, mnist: Path, evaluator=None
+) -> LabInfo:
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "install-sshd.sh")], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"sshd cannot be installed: {done.stderr.strip()[-300:]}")
+    lab_dir = _lab_dir(prefix)
+    # Finalizers run last-in first-out: lab_down (sshd, users, folder), then the folder anyway.
+    request.addfinalizer(lambda: shutil.rmtree(lab_dir, ignore_errors=True))
+    request.addfinalizer(lambda: lab_down(lab_dir))
+    try:
+        return lab_up(lab_dir, shards, mnist, evaluator)
+    except LabError as exc:
+        pytest.skip(f"the loopback lab cannot start: {exc}")
+
+
+@pytest.fixture(scope="module")
+def lab(request: pytest.FixtureRequest, mnist_dir: Path) -> LabInfo:
+    return _start_lab(request, "fedmnist-lab-", SEED_SHARDS, mnist_dir, evaluator="testing")
+
+
+def cfg(lab: LabInfo, name: str, **changes) -> SSHConfig:
+    return SSHConfig(**{**lab.hosts[name].ssh, **changes})
+
+
+def launch(lab: LabInfo, name: str, data_dir: str | None = None) -> WorkerLaunch:
+    host = lab.hosts[name]
+    return WorkerLaunch(name, data_dir or host.data_dir, host.shard, threads=1)
+
+
+@contextmanager
+def sessions(launches_and_transports) -> Iterator[list[WorkerSession]]:
+    opened = [WorkerSession(lch, tr) for lch, tr in launches_and_transports]
+    try:
+        yield opened
+    finally:
+        for s in opened:
+            s.close()
+
+
+def _fingerprint_by_openssh(pub: Path) -> str:
+    out = subprocess.run(
+        ["ssh-keygen", "-lf", str(pub)], capture_output=True, text=True, check=True
+    )
+    return out.stdout.split()[1]
+
+
+# -- the happy path -----------------------------------------------------------------------------
+
+
+def test_hello_over_ssh_reports_alices_exact_counts(lab: LabInfo) -> None:
+    # "~/..." is the device's home: the transport expands it there, not here.
+    with sessions([(launch(lab, "alice", "~/data/mnist"), SSHTransport(cfg(lab, "alice")))]) as (
+        s,
+    ):
+        hello = s.hello(timeout=120)
+    assert hello.worker == "alice"
+    assert hello.label_counts == {0: 5923, 1: 6742, 2: 5958, 3: 6131}
+    assert hello.shard == "train digits 0-3"
+    assert hello.threads == 1
+
+
+def _three_rounds(sessions_: list[WorkerSession]) -> list[dict[str, torch.Tensor]]:
+    """The seed's loop for 3 rounds; the global weights after each round."""
+    strategy = build_strategy("mean")
+    weights = initial_weights(1)
+    history = []
+    with ThreadPoolExecutor(len(sessions_)) as pool:
+        for r in range(1, 4):
+            plan = TrainPlan(lr=0.1 * 0.98 ** (r - 1))
+
+            def train(s: WorkerSession, r: int = r, plan: TrainPlan = plan, w=weights):
+                return s.train(TrainRequest(r, plan, derive_seed(1, s.name, r), w), timeout=120)
+
+            updates = list(pool.map(train, sessions_))
+            weights = strategy.aggregate(r, weights, updates, [])
+            history.append(weights)
+    return history
+
+
+def test_three_rounds_over_ssh_equal_local_exactly(lab: LabInfo, mnist_dir: Path) -> None:
+    local = LocalTransport()
+    over_ssh = [(launch(lab, n), SSHTransport(cfg(lab, n))) for n in TRAINERS]
+    here = [(WorkerLaunch(n, str(mnist_dir), SEED_SHARDS[n], threads=1), local) for n in TRAINERS]
+    with sessions(over_ssh + here) as everyone:
+        with ThreadPoolExecutor(len(everyone)) as pool:  # six start-ups overlap
+            list(pool.map(lambda s: s.hello(timeout=180), everyone))
+        ssh_history = _three_rounds(everyone[:3])
+        local_history = _three_rounds(everyone[3:])
+    start = initial_weights(1)
+    for r, (a, b) in enumerate(zip(ssh_history, local_history, strict=True), start=1):
+        assert sorted(a) == sorted(b)
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"round {r}: {k} differs between ssh and local"
+        assert not torch.equal(a["fc2.weight"], start["fc2.weight"])  # it did train
+
+
+# -- the agentless bootstrap ----------------------------------------------------------------------
+
+
+def test_bootstrap_uploads_once_then_skips(lab: LabInfo) -> None:
+    c = cfg(lab, "bob", remote_dir="~/.fedmnist-bootstrap-test")
+    code_root = Path(lab.hosts["bob"].home) / ".fedmnist-bootstrap-test" / "code"
+    version, files = code_bundle()
+    # An interrupted upload leaves only a temporary folder, which never counts as complete.
+    stale = code_root / f".tmp-{version}-dead"
+    stale.mkdir(parents=True)
+    (stale / "half").write_text("x")
+    shutil.chown(code_root.parent, lab.hosts["bob"].user)
+    shutil.chown(code_root, lab.hosts["bob"].user)
+    shutil.chown(stale, lab.hosts["bob"].user)
+
+    first = SSHTransport(c, "bob").bootstrap()
+    assert first.uploaded is True and first.version == version
+    marker = code_root / version / ".complete"
+    stamp = marker.stat().st_mtime_ns
+    second = SSHTransport(c, "bob").bootstrap()
+    assert second.uploaded is False and second.code_dir == first.code_dir
+    assert marker.stat().st_mtime_ns == stamp
+    shipped = sorted(
+        p.relative_to(code_root / version).as_posix() for p in (code_root / version).rglob("*.py")
+    )
+    assert shipped == sorted(files)
+    assert [p.name for p in code_root.iterdir() if p.name.startswith(".tmp-") and p != stale] == []
+    if IS_ROOT:
+        assert pwd.getpwuid(marker.stat().st_uid).pw_name == lab.hosts["bob"].user
+
+
+def test_worker_modules_list_is_complete() -> None:
+    # The constant names every fedcore module the worker imports, transitively.
+    assert set(worker_modules()) == set(WORKER_MODULES)
+
+
+# -- the lab's isolation ------------------------------------------------------------------------
+
+
+def test_each_lab_device_holds_only_its_digits(lab: LabInfo) -> None:
+    expected = {"alice": {0, 1, 2, 3}, "bob": {4, 5, 6}, "charlie": {7, 8, 9}}
+    for name, digits in expected.items():
+        raw = (Path(lab.hosts[name].data_dir) / "train-labels-idx1-ubyte").read_bytes()
+        magic, count = struct.unpack(">II", raw[:8])
+        assert (magic, count) == (2049, len(raw) - 8)
+        assert set(raw[8:]) == digits
+    raw = (Path(lab.hosts["testing"].data_dir) / "t10k-labels-idx1-ubyte").read_bytes()
+    assert struct.unpack(">II", raw[:8]) == (2049, 10000)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="per-device users need root")
+def test_each_lab_user_reads_only_its_own_shard(lab: LabInfo) -> None:
+    for reader in SEED_SHARDS:
+        for owner in SEED_SHARDS:
+            host = lab.hosts[owner]
+            split = "t10k" if host.shard.split == "test" else "train"
+            target = Path(host.data_dir) / f"{split}-labels-idx1-ubyte"
+            done = subprocess.run(
+                [
+                    "su",
+                    "-s",
+                    "/bin/sh",
+                    user_name(reader),
+                    "-c",
+                    f"head -c 8 {target} | od -An -tx1",
+                ],
+                capture_output=True,
+                text=True,
+            )
+            if reader == owner:
+                assert done.stdout.split()[:4] == ["00", "00", "08", "01"], done.stderr
+            else:
+                assert "Permission denied" in done.stderr, (reader, owner, done.stdout)
+
+
+# -- ProxyJump and probe/trust ----------------------------------------------------------------
+
+
+def test_alias_with_proxyjump_through_another_device(lab: LabInfo, tmp_path: Path) -> None:
+    alice, bob = lab.hosts["alice"], lab.hosts["bob"]
+    conf = tmp_path / "ssh_config"
+    conf.write_text(
+        f"Host lab-bob\n  HostName 127.0.0.1\n  Port {bob.port}\n  User {bob.user}\n"
+        f"  IdentityFile {lab.identity_file}\n  ProxyJump {alice.user}@127.0.0.1:{alice.port}\n"
+    )
+    c = SSHConfig(
+        alias="lab-bob",
+        ssh_config=str(conf),
+        known_hosts=str(lab.known_hosts),
+        python=lab.python,
+        data_dir=bob.data_dir,
+    )
+    transport = SSHTransport(c)
+    with sessions([(WorkerLaunch("bob", "", bob.shard, threads=1), transport)]) as (s,):
+        assert s.hello(timeout=120).label_counts == {4: 5842, 5: 5421, 6: 5918}
+        assert len(s._pipe._conn.bastions) == 1  # type: ignore[union-attr]
+
+
+def test_probe_reports_a_healthy_device(lab: LabInfo) -> None:
+    got = probe(cfg(lab, "charlie"), "charlie")
+    pub = Path(lab.lab_dir) / "hosts" / "charlie" / "ssh_host_ed25519_key.pub"
+    assert got["error"] is None
+    assert (got["reachable"], got["authenticated"], got["host_key"]) == (True, True, "trusted")
+    assert got["fingerprint"] == _fingerprint_by_openssh(pub)
+    assert got["python"] == "3.11.2" and got["torch"].startswith("2.14.1") and got["cuda"] is False
+    assert 0 < got["latency_ms"] < 5000
+
+
+def test_probe_fills_error_instead_of_raising(lab: LabInfo, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    unknown = probe(cfg(lab, "alice", known_hosts=str(empty)), "alice")
+    assert (unknown["reachable"], unknown["authenticated"], unknown["host_key"]) == (
+        True,
+        False,
+        "unknown",
+    )
+    assert "fedmnist workers trust alice" in unknown["error"]
+    closed = probe(cfg(lab, "alice", port=_closed_port()), "alice")
+    assert (closed["reachable"], closed["host_key"]) == (False, None)
+    assert "refused" in closed["error"]
+
+
+def test_trust_records_the_key_openssh_shows(lab: LabInfo, tmp_path: Path) -> None:
+    pub = Path(lab.lab_dir) / "hosts" / "alice" / "ssh_host_ed25519_key.pub"
+    known = tmp_path / "ssh" / "known_hosts"
+    c = cfg(lab, "alice", known_hosts=str(known))
+    keytype, _, fp = fetch_host_key(c, "alice")
+    assert (keytype, fp) == ("ssh-ed25519", _fingerprint_by_openssh(pub))
+    with pytest.raises(ChangedHostKey, match="not the SHA256:wrong you accepted"):
+        trust(c, name="alice", expected_fingerprint="SHA256:wrong")
+    added = trust(c, name="alice", expected_fingerprint=fp)
+    assert added.added and added.entry == f"[127.0.0.1]:{lab.hosts['alice'].port}"
+    assert trust(c, name="alice").added is False  # already there: not written twice
+    assert len(known.read_text().splitlines()) == 1
+    assert probe(c, "alice")["host_key"] == "trusted"
+
+
+# -- bad input: the right error, naming the worker and the fix ---------------------------------
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _other_host_key(tmp_path: Path) -> Path:
+    key = tmp_path / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return Path(str(key) + ".pub")
+
+
+def _hello_error(c: SSHConfig, lch: WorkerLaunch) -> Exception:
+    session = WorkerSession(lch, SSHTransport(c))
+    try:
+        session.hello(timeout=60)
+    except Exception as exc:  # the test inspects it
+        return exc
+    finally:
+        session.close()
+    raise AssertionError("hello succeeded")
+
+
+def test_unknown_host_key_is_refused(lab: LabInfo, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    exc = _hello_error(cfg(lab, "alice", known_hosts=str(empty)), launch(lab, "alice"))
+    assert isinstance(exc, UnknownHostKey) and isinstance(exc, HostKeyMismatch)
+    assert not isinstance(exc, WorkerUnreachable)  # never retried
+    msg = str(exc)
+    assert "'alice'" in msg and "unknown" in msg and "fedmnist workers trust alice" in msg
+    pub = Path(lab.lab_dir) / "hosts" / "alice" / "ssh_host_ed25519_key.pub"
+    assert _fingerprint_by_openssh(pub) in msg
+
+
+def test_changed_host_key_is_refused_with_both_fingerprints(lab: LabInfo, tmp_path: Path) -> None:
+    port = lab.hosts["alice"].port
+    other = _other_host_key(tmp_path)
+    keytype, b64 = other.read_text().split()[:2]
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{port} {keytype} {b64}\n")
+    exc = _hello_error(cfg(lab, "alice", known_hosts=str(known)), launch(lab, "alice"))
+    assert isinstance(exc, ChangedHostKey) and not isinstance(exc, WorkerUnreachable)
+    msg = str(exc)
+    real = Path(lab.lab_dir) / "hosts" / "alice" / "ssh_host_ed25519_key.pub"
+    assert "'alice'" in msg and "CHANGED" in msg
+    assert _fingerprint_by_openssh(other) in msg and _fingerprint_by_openssh(real) in msg
+    assert f"ssh-keygen -R '[127.0.0.1]:{port}'" in msg and "fedmnist workers trust alice" in msg
+
+
+def test_connection_refused_is_transient_and_named(lab: LabInfo) -> None:
+    port = _closed_port()
+    start = time.monotonic()
+    exc = _hello_error(cfg(lab, "alice", port=port), launch(lab, "alice"))
+    assert time.monotonic() - start < 10
+    assert type(exc) is WorkerUnreachable
+    assert "'alice'" in str(exc) and f"127.0.0.1:{port} refused" in str(exc)
+    assert "sshd running" in str(exc)
+
+
+@pytest.mark.parametrize("what", ["user", "key"])
+def test_wrong_user_or_key_is_an_auth_error(lab: LabInfo, tmp_path: Path, what: str) -> None:
+    if what == "user":
+        c, shown = cfg(lab, "alice", user=lab.hosts["bob"].user), lab.hosts["bob"].user
+    else:
+        key = tmp_path / "stranger_ed25519"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        c, shown = cfg(lab, "alice", identity_file=str(key)), str(key)
+    exc = _hello_error(c, launch(lab, "alice"))
+    assert isinstance(exc, SSHAuthFailed) and not isinstance(exc, WorkerUnreachable)
+    msg = str(exc)
+    assert "'alice'" in msg and shown in msg and "authorized_keys" in msg
+
+
+def test_missing_remote_python_names_it_and_the_fix(lab: LabInfo) -> None:
+    exc = _hello_error(cfg(lab, "alice", python="/nonexistent/python3"), launch(lab, "alice"))
+    assert isinstance(exc, RemoteSetupError) and isinstance(exc, WorkerFailed)
+    msg = str(exc)
+    assert "'alice'" in msg and "/nonexistent/python3" in msg and "not found" in msg
+    assert "set `python:`" in msg
+
+
+def test_remote_python_without_torch_names_it_and_the_fix(lab: LabInfo) -> None:
+    bare = "/usr/bin/python3"
+    if (
+        not Path(bare).exists()
+        or subprocess.run([bare, "-c", "import torch"], capture_output=True).returncode == 0
+    ):
+        pytest.skip(f"{bare} is missing or has torch")
+    exc = _hello_error(cfg(lab, "alice", python=bare), launch(lab, "alice"))
+    assert isinstance(exc, RemoteSetupError)
+    msg = str(exc)
+    assert "'alice'" in msg and bare in msg and "has no torch" in msg and "install torch" in msg
+
+
+def test_missing_shard_on_the_device_surfaces_as_worker_failed(lab: LabInfo) -> None:
+    exc = _hello_error(cfg(lab, "alice"), launch(lab, "alice", "/nonexistent/mnist"))
+    assert type(exc) is WorkerFailed
+    msg = str(exc)
+    assert "'alice'" in msg and "ShardError" in msg and "/nonexistent/mnist" in msg
+    assert "fedmnist data" in msg
+
+
+@pytest.mark.parametrize("field", ["password", "passphrase"])
+def test_a_password_in_the_config_is_refused(field: str) -> None:
+    with pytest.raises(pydantic.ValidationError) as info:
+        SSHConfig(host="jetson-1", user="nvidia", **{field: "hunter2"})
+    msg = str(info.value)
+    assert "passwords are not accepted" in msg and "identity_file or the ssh-agent" in msg
+    assert "hunter2" not in msg  # never echo the secret
+
+
+# -- a device dying mid-training --------------------------------------------------------------
+
+
+@pytest.fixture
+def small_lab(request: pytest.FixtureRequest, mnist_dir: Path) -> LabInfo:
+    return _start_lab(
+        request, "fedmnist-lab-small-", {"dora": ShardSpec.by_labels([0, 1])}, mnist_dir
+    )
+
+
+def test_a_device_dying_mid_training_is_unreachable_without_hanging(small_lab: LabInfo) -> None:
+    lab = small_lab
+    session = WorkerSession(launch(lab, "dora"), SSHTransport(cfg(lab, "dora", keepalive=1)))
+    try:
+        assert session.hello(timeout=120).label_counts == {0: 5923, 1: 6742}
+        w = initial_weights(1)
+        session.train(TrainRequest(1, TrainPlan(steps=2), 11, w), timeout=60)
+        # A long round, killed while the worker computes it.
+        outcome: dict[str, object] = {}
+
+        def long_round() -> None:
+            start = time.monotonic()
+            try:
+                session.train(TrainRequest(2, TrainPlan(steps=100_000), 12, w), timeout=60)
+            except Exception as exc:  # inspected below
+                outcome["error"] = exc
+            outcome["seconds"] = time.monotonic() - start
+
+        thread = threading.Thread(target=long_round)
+        thread.start()
+        time.sleep(1.5)
+        kill_host(lab.lab_dir, "dora")
+        thread.join(30)
+        assert not thread.is_alive(), "the train call hung after the device died"
+        assert isinstance(outcome["error"], WorkerUnreachable), outcome
+        assert "'dora'" in str(outcome["error"])
+        assert outcome["seconds"] < 30
+        assert lab_status(lab.lab_dir)["dora"]["running"] is False
+
+        start = time.monotonic()
+        with pytest.raises((WorkerUnreachable, WorkerTimeout), match="'dora'.*refused"):
+            session.train(TrainRequest(3, TrainPlan(steps=2), 13, w), timeout=30)
+        assert time.monotonic() - start < 15
+    finally:
+        session.close()
+
+
+def test_lab_up_twice_replaces_and_lab_down_cleans_everything(
+    small_lab: LabInfo, mnist_dir: Path
+) -> None:
+    lab_dir = small_lab.lab_dir
+    old_pid = small_lab.hosts["dora"].pid
+    again = lab_up(lab_dir, {"dora": ShardSpec.by_labels([0, 1])}, mnist_dir)
+    assert lab_status(lab_dir)["dora"]["running"] and lab_status(lab_dir)["dora"]["answers"]
+    assert again.hosts["dora"].pid != old_pid and not _alive(old_pid)
+    assert probe(cfg(again, "dora"), "dora")["error"] is None
+    new_pid = again.hosts["dora"].pid
+    summary = lab_down(lab_dir)
+    assert summary["stopped"] == ["dora"]
+    assert not _alive(new_pid) and not lab_dir.exists()
+    if IS_ROOT:
+        assert summary["users_removed"] == [user_name("dora")]
+        with pytest.raises(KeyError):
+            pwd.getpwnam(user_name("dora"))
+    assert lab_down(lab_dir) == {"stopped": [], "users_removed": []}  # nothing left: fine
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_inventory_matches_sshconfig_fields(lab: LabInfo) -> None:
+    import yaml
+
+    entries = yaml.safe_load(lab.inventory.read_text())["workers"]
+    assert [e["name"] for e in entries] == list(SEED_SHARDS)
+    roles = {e["name"]: e["role"] for e in entries}
+    assert roles == {
+        "alice": "trainer",
+        "bob": "trainer",
+        "charlie": "trainer",
+        "testing": "evaluator",
+    }
+    assert entries[0]["labels"] == [0, 1, 2, 3] and entries[3]["split"] == "test"
+    for e in entries:
+        c = SSHConfig(**e["ssh"])
+        assert c.host == "127.0.0.1" and c.port == lab.hosts[e["name"]].port
+        assert re.fullmatch(r"fedlab-\w+", c.user or "") or not IS_ROOT
