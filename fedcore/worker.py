@@ -142,6 +142,9 @@ def serve(worker: Worker, stdin: BinaryIO, stdout: BinaryIO, max_payload: int) -
         except FedError as exc:
             log.error("%s request failed: %s", kind, exc)
             reply = protocol.encode_error(type(exc).__name__, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bad request or a diverged training: answer
+            log.exception("%s request failed unexpectedly", kind)
+            reply = protocol.encode_error(type(exc).__name__, f"{kind} failed: {exc}")
         _send(stdout, reply)
 
 

@@ -108,3 +108,10 @@ def test_evaluate_rejects_wrong_shapes(bob: WorkerSession) -> None:
 def test_protocol_errors_name_the_message() -> None:
     with pytest.raises(protocol.RemoteError, match="ShardError: gone"):
         protocol.expect({"type": "error", "error": "ShardError", "message": "gone"}, "hello")
+
+
+def test_diverged_training_is_an_error_reply_not_a_crash(bob: WorkerSession) -> None:
+    req = TrainRequest(1, TrainPlan(steps=2, batch_size=8, lr=1e30), 1, initial_weights(1))
+    with pytest.raises(WorkerFailed, match="bob.*train failed"):
+        bob.train(req, timeout=60)
+    assert bob.hello(timeout=30).worker == "bob"  # still serving
