@@ -73,7 +73,9 @@ class Update:
 # -- encoding -------------------------------------------------------------------------------
 
 
-def _frame(meta: Dict[str, Any], groups: Optional[Mapping[str, Tensors]] = None) -> bytes:
+def _frame(
+    meta: Dict[str, Any], groups: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None
+) -> bytes:
     payload = tensorcodec.dumps(wire.join_prefixed(groups)) if groups else b""
     return wire.encode_frame(meta, payload)
 
@@ -202,7 +204,7 @@ def decode_update(meta: wire.Meta, payload: bytes, wire_bytes: int = 0) -> Updat
 
 
 def encode_evaluate(
-    round: int, models: Mapping[str, Tensors], groups: Sequence[Sequence[int]]
+    round: int, models: Mapping[str, Mapping[str, torch.Tensor]], groups: Sequence[Sequence[int]]
 ) -> bytes:
     return _frame({"type": "evaluate", "round": round, "groups": [list(g) for g in groups]}, models)
 

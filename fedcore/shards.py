@@ -52,7 +52,7 @@ class ShardSpec:
     def describe(self) -> str:
         if self.labels is not None:
             return f"{self.split} digits {format_labels(self.labels)}"
-        if self.iid_count is not None:
+        if self.iid_count is not None and self.iid_index is not None:
             return f"{self.split} IID part {self.iid_index + 1}/{self.iid_count}"
         return f"all of {self.split}"
 
