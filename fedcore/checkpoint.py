@@ -21,7 +21,12 @@ def save_weights(
     """Write `weights` to `path` (temp file + rename: never a half-written model)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    data = tensorcodec.dumps(weights, meta)
+    atomic_write(path, tensorcodec.dumps(weights, meta))
+    return path
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file and a rename: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -32,7 +37,6 @@ def save_weights(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

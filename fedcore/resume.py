@@ -13,8 +13,6 @@ re-synchronises (fedcore.local_algorithms).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +21,8 @@ from typing import Any
 import torch
 
 from . import tensorcodec
-from .checkpoint import load_weights, save_weights
-from .errors import ConfigError
+from .checkpoint import atomic_write, load_weights, save_weights
+from .errors import ConfigError, FedError
 from .strategies.base import StrategyState
 
 STATE_FILE = "state.json"
@@ -44,19 +42,6 @@ class ResumePoint:
     config_path: str
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_round(
     run_dir: Path,
     *,
@@ -74,7 +59,7 @@ def write_round(
         run_dir / f"global-r{round:03d}.safetensors", weights, {**meta, "round": round}
     )
     strategy_file = run_dir / f"strategy-r{round:03d}.safetensors"
-    _atomic_write(strategy_file, tensorcodec.dumps(strategy.tensors))
+    atomic_write(strategy_file, tensorcodec.dumps(strategy.tensors))
     state = {
         "round": round,
         "config": config,
@@ -88,7 +73,7 @@ def write_round(
         "metrics": dict(metrics),
         "mlflow_run_id": mlflow_run_id,
     }
-    _atomic_write(run_dir / STATE_FILE, json.dumps(state, indent=1, default=float).encode())
+    atomic_write(run_dir / STATE_FILE, json.dumps(state, indent=1, default=float).encode())
     previous = run_dir / f"strategy-r{round - 1:03d}.safetensors"
     previous.unlink(missing_ok=True)  # only the latest strategy state is needed
     return model
@@ -122,7 +107,7 @@ def load_resume_point(run_dir: Path) -> ResumePoint:
         state = json.loads((run_dir / STATE_FILE).read_text())
         weights, _ = load_weights(run_dir / state["model_file"])
         tensors, _ = tensorcodec.loads((run_dir / state["strategy"]["file"]).read_bytes())
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, FedError) as exc:
         raise ConfigError(f"{run_dir} holds no complete round to resume from: {exc}") from None
     return ResumePoint(
         run_dir=run_dir,
