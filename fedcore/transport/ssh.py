@@ -505,8 +505,20 @@ def worker_modules() -> list[str]:
     return sorted(seen)
 
 
+_BUNDLE_LOCK = threading.Lock()
+
+
 def code_bundle() -> tuple[str, dict[str, bytes]]:
-    """(version, {relative path: bytes}) of the worker's modules; version = short sha256."""
+    """(version, {relative path: bytes}) of the worker's modules; version = short sha256.
+
+    Serialised: workers start on parallel task threads, and CPython 3.11's `ast.parse` is not
+    safe to run on several threads at once ("AST constructor recursion depth mismatch").
+    """
+    with _BUNDLE_LOCK:
+        return _code_bundle()
+
+
+def _code_bundle() -> tuple[str, dict[str, bytes]]:
     files = {f"fedcore/{m}.py": (PACKAGE_DIR / f"{m}.py").read_bytes() for m in worker_modules()}
     digest = hashlib.sha256()
     for rel in sorted(files):
