@@ -493,6 +493,25 @@ def kill_host(lab_dir: Path, name: str) -> None:
     _stop_sshd(host["pid"], host["config"], hard=True)
 
 
+def restart_host(lab_dir: Path, name: str) -> int:
+    """Start a device's sshd again (after `kill_host`): same port, host key and user.
+
+    Returns:
+        the new sshd's pid (also recorded in the lab's state, so `lab down` stops it).
+    """
+    lab_dir = Path(lab_dir).resolve()
+    state = _load_state(lab_dir)
+    host = (state or {}).get("hosts", {}).get(name)
+    if state is None or host is None:
+        raise LabError(f"the lab in {lab_dir} has no device {name!r}")
+    config = Path(host["config"])
+    if _ours(host["pid"], str(config)):
+        return int(host["pid"])  # still running
+    host["pid"] = _start_sshd(config.parent, config)
+    _save_state(lab_dir, state)
+    return int(host["pid"])
+
+
 # -- up, status, down ---------------------------------------------------------------------------
 
 
