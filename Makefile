@@ -40,8 +40,9 @@ bench: data
 	$(BIN)/python benchmarks/seed_overhead.py
 
 lint: setup
-	$(BIN)/ruff check fedcore tasks flows tests benchmarks
-	$(BIN)/mypy fedcore
+	$(BIN)/ruff check fedcore fedlab tasks flows tests benchmarks
+	$(BIN)/ruff format --check fedcore fedlab tasks flows tests benchmarks
+	$(BIN)/mypy fedcore fedlab tasks flows
 
 clean:
 	rm -rf $(VENV) .fedmnist

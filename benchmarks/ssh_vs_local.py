@@ -33,7 +33,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedcore.lab import LabInfo, lab_down, lab_up  # noqa: E402
 from fedcore.model import initial_weights  # noqa: E402
 from fedcore.protocol import TrainRequest  # noqa: E402
 from fedcore.seeding import derive_seed  # noqa: E402
@@ -44,6 +43,7 @@ from fedcore.training import TrainPlan  # noqa: E402
 from fedcore.transport.base import Transport, WorkerLaunch  # noqa: E402
 from fedcore.transport.local import LocalTransport  # noqa: E402
 from fedcore.transport.ssh import SSHConfig, SSHTransport  # noqa: E402
+from fedlab import LabInfo, lab_down, lab_up  # noqa: E402
 
 MNIST = ROOT / ".fedmnist" / "data" / "mnist"
 SHARDS = {

@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .shards import ShardSpec
 from .strategies import StrategyConfig
 from .training import TrainPlan
-from .transport.ssh import SSHConfig
+from .transport.ssh.config import SSHConfig
 
 
 class Strict(BaseModel):

@@ -1,7 +1,9 @@
-"""Reading MNIST idx files into normalised tensors, keeping only one shard's images.
+"""MNIST idx files: read into normalised tensors (one shard's images only), and written back.
 
-The worker calls `load_shard`; the coordinator never does (decision 4: data stays put). Reads the
-raw (unpacked) idx files `fedmnist data` prepares, or their `.gz` form. Runs on the device
+The worker calls `load_shard`; the coordinator never does, because the data stays on the device
+that holds it. Reads the raw (unpacked) idx files `fedmnist data` prepares, or their `.gz` form.
+`write_split` writes the same format back (the lab cuts each emulated device's shard with it), so
+the idx layout - file names, magic numbers, headers - is defined here only. Runs on the device
 (Python 3.8, torch, standard library).
 """
 
@@ -26,6 +28,8 @@ FILES = {
 }
 IMAGE_MAGIC = 2051
 LABEL_MAGIC = 2049
+LABEL_HEADER = struct.Struct(">II")  # magic, count; then one byte per label
+IMAGE_HEADER = struct.Struct(">IIII")  # magic, count, rows, cols; then rows*cols bytes per image
 
 
 def _read_file(data_dir: str, name: str) -> bytes:
@@ -57,29 +61,62 @@ def _as_uint8(raw: bytes, offset: int) -> torch.Tensor:
 
 
 def read_labels(data_dir: str, split: str) -> torch.Tensor:
-    """All labels of `split` as int64."""
+    """All labels of `split` as int64.
+
+    Raises:
+        ShardError: the file is missing, truncated or not an MNIST label file.
+    """
     name = FILES[split][1]
     raw = _read_file(data_dir, name)
-    if len(raw) < 8:
+    if len(raw) < LABEL_HEADER.size:
         raise ShardError(f"{name} in {data_dir} is truncated ({len(raw)} bytes)")
-    magic, count = struct.unpack(">II", raw[:8])
-    if magic != LABEL_MAGIC or len(raw) != 8 + count:
+    magic, count = LABEL_HEADER.unpack_from(raw)
+    if magic != LABEL_MAGIC or len(raw) != LABEL_HEADER.size + count:
         raise ShardError(f"{name} in {data_dir} is not an MNIST label file (magic {magic})")
-    return _as_uint8(raw, 8).to(torch.int64)
+    return _as_uint8(raw, LABEL_HEADER.size).to(torch.int64)
 
 
-def _read_images(data_dir: str, split: str, index: torch.Tensor) -> torch.Tensor:
+def read_images(data_dir: str, split: str) -> torch.Tensor:
+    """All images of `split`, (N, rows, cols) uint8: a read-only view of the file's bytes.
+
+    Raises:
+        ShardError: the file is missing, truncated or not an MNIST image file.
+    """
     name = FILES[split][0]
     raw = _read_file(data_dir, name)
-    if len(raw) < 16:
+    if len(raw) < IMAGE_HEADER.size:
         raise ShardError(f"{name} in {data_dir} is truncated ({len(raw)} bytes)")
-    magic, count, rows, cols = struct.unpack(">IIII", raw[:16])
-    if magic != IMAGE_MAGIC or len(raw) != 16 + count * rows * cols:
+    magic, count, rows, cols = IMAGE_HEADER.unpack_from(raw)
+    if magic != IMAGE_MAGIC or len(raw) != IMAGE_HEADER.size + count * rows * cols:
         raise ShardError(f"{name} in {data_dir} is not an MNIST image file (magic {magic})")
-    images = _as_uint8(raw, 16).view(count, rows, cols)
-    kept = images.index_select(0, index).clone()  # only this shard's images survive
-    del images, raw
-    return kept
+    return _as_uint8(raw, IMAGE_HEADER.size).view(count, rows, cols)
+
+
+def write_split(out_dir: str, split: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Write `split`'s two raw idx files into `out_dir`, as `read_images`/`read_labels` read them.
+
+    Args:
+        out_dir: an existing folder; files of the same name are replaced.
+        split: "train" or "test" (it names the files).
+        images: (N, rows, cols) uint8.
+        labels: N digits, any integer dtype.
+
+    Raises:
+        ValueError: `images` and `labels` hold different numbers of items.
+    """
+    count, rows, cols = images.shape
+    if labels.numel() != count:
+        raise ValueError(f"{count} images but {labels.numel()} labels")
+    images_name, labels_name = FILES[split]
+    _write_file(os.path.join(out_dir, labels_name), LABEL_HEADER.pack(LABEL_MAGIC, count), labels)
+    header = IMAGE_HEADER.pack(IMAGE_MAGIC, count, rows, cols)
+    _write_file(os.path.join(out_dir, images_name), header, images)
+
+
+def _write_file(path: str, header: bytes, items: torch.Tensor) -> None:
+    # .numpy() needs numpy, which the coordinator's torch has; a worker never writes idx files.
+    with open(path, "wb") as f:
+        f.write(header + items.to(torch.uint8).contiguous().numpy().tobytes())
 
 
 def shard_index(labels: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
@@ -107,7 +144,7 @@ def load_shard(data_dir: str, spec: ShardSpec) -> Tuple[torch.Tensor, torch.Tens
     index = shard_index(labels, spec)
     if index.numel() == 0:
         raise ShardError(f"shard {spec.describe()} in {data_dir} holds no images")
-    images = _read_images(data_dir, spec.split, index)
+    images = read_images(data_dir, spec.split).index_select(0, index)  # only the shard's survive
     x = images.unsqueeze(1).to(torch.float32).div_(255.0)
     x.sub_(NORMALIZE_MEAN).div_(NORMALIZE_STD)
     return x, labels.index_select(0, index)

@@ -1,9 +1,10 @@
 """A coordinator's session with one worker program, over any transport.
 
-One session per worker per training (decision 2). Calls are serialised by a lock, so tasks on
-different threads may share the object but never one pipe at a time. Failures become typed errors
-naming the worker: `WorkerUnreachable` (gone; transient), `WorkerTimeout` (no answer in time;
-transient), `WorkerFailed` (answered with an error), `UpdateRejected` (answered with bad tensors).
+One session per worker per training (docs/ARCHITECTURE.md, Decisions 2). Calls are serialised by
+a lock, so tasks on different threads may share the object but never one pipe at a time. Failures
+become typed errors naming the worker: `WorkerUnreachable` (gone; retried, the session reopens),
+`WorkerTimeout` (no answer in time; not retried within the round, the session reopens next round),
+`WorkerFailed` (answered with an error), `UpdateRejected` (answered with bad tensors).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Format (https://huggingface.co/docs/safetensors): an 8-byte little-endian header
 of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}`
 padded with spaces to a multiple of 8, then the raw little-endian tensor bytes. We write exactly the
 bytes the `safetensors` package writes (a test proves it) so either side can use either; the worker
-uses this one because a Jetson's Python may not have the package (DESIGN.md decision 1).
+uses this one because a device gets nothing installed: a Jetson's own Python has torch and the
+standard library, not the package (docs/ARCHITECTURE.md, Decisions 1).
 
 Nothing here executes or unpickles what it reads: a header is JSON, the rest is raw numbers.
 Runs on the device (Python 3.8).

@@ -3,8 +3,10 @@
 Runs on a device (a Jetson, or a local subprocess), owns one shard and loads only its images,
 then answers framed requests on stdin with framed replies on stdout until `bye` or end of input:
 hello, train, evaluate (see fedcore.protocol). One process serves a whole training, so Python
-and torch start once (DESIGN.md decision 2). Nothing received is executed or unpickled: frames are
-JSON plus safetensors. Logs go to stderr, which the coordinator shows line by line.
+and torch start once: importing torch costs seconds on a Jetson, which paid every round would
+dwarf a round's training (docs/ARCHITECTURE.md, Decisions 2). Nothing received is executed or
+unpickled: frames are JSON plus safetensors. Logs go to stderr, which the coordinator shows line
+by line.
 
 Runs on the device's own Python (>= 3.8) with torch and the standard library only.
 """

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import zoneinfo
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -142,17 +142,22 @@ def build_deployments(spec: DeploymentsFile) -> list[RunnerDeployment]:
         if dep.schedule is not None:
             s = dep.schedule
             schedules = [Cron(s.cron, timezone=s.timezone, active=s.active, slug=f"{name}-cron")]
+        # Called outside an event loop, the sync-compatible `to_deployment` returns the
+        # deployment itself, never a coroutine.
         out.append(
-            federated_mnist.to_deployment(
-                name,
-                parameters={"config_path": dep.config_path, **dep.parameters},
-                schedules=schedules,
-                concurrency_limit=ConcurrencyLimitConfig(
-                    limit=dep.concurrency_limit,
-                    collision_strategy=ConcurrencyLimitStrategy.ENQUEUE,
+            cast(
+                "RunnerDeployment",
+                federated_mnist.to_deployment(
+                    name,
+                    parameters={"config_path": dep.config_path, **dep.parameters},
+                    schedules=schedules,
+                    concurrency_limit=ConcurrencyLimitConfig(
+                        limit=dep.concurrency_limit,
+                        collision_strategy=ConcurrencyLimitStrategy.ENQUEUE,
+                    ),
+                    description=dep.description or None,
+                    tags=list(dep.tags),
                 ),
-                description=dep.description or None,
-                tags=list(dep.tags),
             )
         )
     return out

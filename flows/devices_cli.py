@@ -24,7 +24,7 @@ def _lab_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_lab_up(args: argparse.Namespace) -> int:
-    from fedcore.lab import lab_up
+    from fedlab import lab_up
 
     cfg = load_config(args.config)
     workers = {w.name: w.shard() for w in cfg.workers}
@@ -42,7 +42,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
 
 
 def cmd_lab_status(args: argparse.Namespace) -> int:
-    from fedcore.lab import lab_status
+    from fedlab import lab_status
 
     status = lab_status(_lab_dir(args))
     if not status:
@@ -55,7 +55,7 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
 
 
 def cmd_lab_down(args: argparse.Namespace) -> int:
-    from fedcore.lab import lab_down
+    from fedlab import lab_down
 
     done = lab_down(_lab_dir(args))
     print(f"lab stopped: {', '.join(done.get('stopped', [])) or 'nothing was running'}")

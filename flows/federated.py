@@ -1,15 +1,13 @@
-"""The `federated-mnist` flow: pre-flight, then rounds of parallel training, aggregation,
-evaluation at the configured cadence, and an MLflow record of everything.
+"""The `federated-mnist` flow: start the workers and the MLflow run, train the rounds, stop.
 
-Reads as the plain sequence it is. Each worker's round is its own task (`train-alice-r07`) so the
-Prefect UI shows who was slow or failed; a round is a group of tasks in this flow, never a subflow
-(a subflow costs ~1.2 s; FIELD-NOTES).
+Reads as the plain sequence it is: the flow entry point checks its parameters and loads the
+config (or the run to resume), `run_training` starts every worker and the tracker, makes the run
+context and hands it to the round loop (`flows.rounds`), then finishes the record and stops the
+workers, whatever happened.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,14 +19,11 @@ from pydantic import Field
 import fedcore
 from fedcore import report
 from fedcore.config import ExperimentConfig, WorkerConfig, fedmnist_home, load_config, parse_config
-from fedcore.errors import DataError, FedError, QuorumNotReached, UpdateRejected
-from fedcore.model import initial_weights, num_parameters
-from fedcore.protocol import TrainRequest, Update
-from fedcore.resume import ResumePoint, find_run_dir, load_resume_point, write_round
-from fedcore.screening import screen_updates
-from fedcore.seeding import derive_seed
+from fedcore.errors import DataError, FedError
+from fedcore.protocol import Hello
+from fedcore.resume import ResumePoint, find_run_dir, load_resume_point
 from fedcore.session import WorkerSession
-from fedcore.strategies import Failure, build_strategy
+from fedcore.strategies import Strategy, build_strategy
 from fedcore.transport.base import Transport, WorkerLaunch
 from fedcore.transport.local import LocalTransport
 from fedcore.transport.ssh import SSHTransport
@@ -43,15 +38,10 @@ from flows.parameters import (
     config_overrides,
     resolve_config_path,
 )
+from flows.rounds import RunContext, train_rounds
 from tasks.artifacts import RunArtifacts, summary_markdown
-from tasks.tracking import Tracker, eval_metrics, flatten, make_tracker, round_metrics, run_name
-from tasks.workers import evaluate_models, start_worker, stop_workers, train_on_worker
-
-FAILURE_CAUSES = {
-    "WorkerTimeout": "timeout",
-    "WorkerUnreachable": "unreachable",
-    "UpdateRejected": "rejected",
-}
+from tasks.tracking import Tracker, flatten, make_tracker, run_name
+from tasks.workers import start_worker, stop_workers
 
 
 def make_transport(worker: WorkerConfig) -> Transport:
@@ -63,6 +53,11 @@ def make_transport(worker: WorkerConfig) -> Transport:
 
 
 def make_session(cfg: ExperimentConfig, worker: WorkerConfig) -> WorkerSession:
+    """A (not yet started) session with `worker`.
+
+    Raises:
+        DataError: a local worker's data directory does not exist.
+    """
     if worker.transport == "ssh":  # a path on the device; the ssh section's data_dir otherwise
         launch = WorkerLaunch(
             worker.name, worker.data_dir or "", worker.shard(), worker.threads, worker.device
@@ -79,6 +74,7 @@ def make_session(cfg: ExperimentConfig, worker: WorkerConfig) -> WorkerSession:
 
 
 def run_dir_for(cfg: ExperimentConfig, run_key: str) -> Path:
+    """A new run folder under $FEDMNIST_HOME/runs, named by time, config name and flow run."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return fedmnist_home() / "runs" / f"{stamp}-{cfg.name}-{run_key[:8]}"
 
@@ -142,48 +138,41 @@ def federated_mnist(
 def run_training(
     cfg: ExperimentConfig, config_path: str = "", resume: ResumePoint | None = None
 ) -> dict[str, Any]:
-    """The training itself, inside a flow run (continuing `resume` when given)."""
+    """The training itself, inside a flow run (continuing `resume` when given).
+
+    Returns:
+        The run summary (see `federated_mnist`).
+
+    Raises:
+        FedError: a worker could not start, the MLflow store is unreachable, or a round failed.
+    """
     logger = get_run_logger()
     run_key = str(flow_run.get_id() or "local")
     strategy = build_strategy(cfg.strategy)
-    groups = cfg.digit_groups()
 
     # Start every worker first: their Python and torch imports overlap MLflow opening its store.
     sessions = {w.name: make_session(cfg, w) for w in cfg.workers}
     starts = {name: start_worker.submit(s, cfg.timeouts.start) for name, s in sessions.items()}
     tracker = make_tracker(cfg.tracking)
-    params = flatten("", cfg.model_dump(mode="json"), {})
-    params.update({f"strategy.{k}": str(v) for k, v in strategy.params().items()})
-    params["config_hash"] = cfg.config_hash()
-    if resume is not None and resume.mlflow_run_id:
-        tracker.resume_run(resume.mlflow_run_id, resume.round, resume.metrics)
-    else:
-        tracker.start_run(
-            run_name=run_name(cfg.name, strategy.name),
-            tags={
-                "prefect.flow_run_id": run_key,
-                "prefect.flow_run_name": str(flow_run.get_name() or ""),
-                "config_path": config_path,
-                "config_hash": cfg.config_hash(),
-                "fedcore_version": fedcore.__version__,
-                "strategy": strategy.name,
-            },
-            params=params,
-            config=cfg.model_dump(mode="json"),
-        )
+    open_record(tracker, cfg, strategy, config_path, run_key, resume)
     status = "FAILED"
     try:
         for worker in cfg.workers:
-            hello = starts[worker.name].result()
-            split = worker.shard().split
-            logger.info(report.available_numbers(worker.name, split, hello.label_counts))
-            if hello.device != "cpu":
-                logger.info("%s runs on %s (torch %s)", worker.name, hello.device, hello.torch)
+            log_hello(worker, starts[worker.name].result())
         tracker.ensure_ready()  # an unreachable MLflow store stops the training before round 1
         run_dir = resume.run_dir if resume is not None else run_dir_for(cfg, run_key)
         run_dir.mkdir(parents=True, exist_ok=True)
         tracker.set_tag("checkpoint_dir", str(run_dir))
-        artifacts = RunArtifacts(cfg.name, cfg.rounds)
+        ctx = RunContext(
+            cfg=cfg,
+            sessions=sessions,
+            strategy=strategy,
+            tracker=tracker,
+            run_dir=run_dir,
+            artifacts=RunArtifacts(cfg.name, cfg.rounds),
+            groups=cfg.digit_groups(),
+            config_path=config_path,
+        )
         if resume is not None:
             strategy.load_state_dict(resume.strategy)
             logger.info(
@@ -193,22 +182,9 @@ def run_training(
                 cfg.rounds,
                 run_dir,
             )
-        summary = train_rounds(
-            cfg, sessions, strategy, groups, tracker, run_dir, artifacts, config_path, resume
-        )
+        summary = train_rounds(ctx, resume)
         status = "FINISHED"
-        try:
-            summary["mlflow_run_id"] = tracker.wait_run_id(timeout=60)
-        except Exception as exc:  # noqa: BLE001 - reported below with the other tracking errors
-            summary["mlflow_run_id"] = None
-            logger.warning("MLflow run could not be created: %s", exc)
-        url = tracker.run_url(cfg.tracking.ui_url)
-        if url:
-            artifacts.mlflow_link(url)
-            logger.info("MLflow run: %s", url)
-        summary["mlflow_url"] = url
-        artifacts.summary(summary_markdown(summary, strategy.name, url))
-        return summary
+        return finish_record(ctx, summary)
     finally:
         stop_workers(list(sessions.values()))
         errors = tracker.close(status)
@@ -216,169 +192,59 @@ def run_training(
             logger.warning("MLflow logging reported %d error(s); first: %s", len(errors), errors[0])
 
 
-def train_rounds(
-    cfg: ExperimentConfig,
-    sessions: dict[str, WorkerSession],
-    strategy: Any,
-    groups: list[list[int]],
+def open_record(
     tracker: Tracker,
-    run_dir: Path,
-    artifacts: RunArtifacts,
-    config_path: str = "",
-    resume: ResumePoint | None = None,
-) -> dict[str, Any]:
-    """Rounds 1..R: train in parallel, aggregate, evaluate when due, write the round's state,
-    then record it (so a resumed training never logs a round twice)."""
-    logger = get_run_logger()
-    trainers = [w.name for w in cfg.trainers]
-    evaluator = cfg.evaluators[0].name if cfg.evaluators else None
-    weights = resume.weights if resume is not None else initial_weights(cfg.seed)
-    first = resume.round + 1 if resume is not None else 1
-    config_json = cfg.model_dump(mode="json")
-    logger.info(
-        "Training %s: %d rounds over %s with strategy %s (%d parameters); evaluator: %s",
-        cfg.name,
-        cfg.rounds,
-        ", ".join(trainers),
-        strategy.name,
-        num_parameters(weights),
-        evaluator or "none",
-    )
-    evaluations: dict[int, dict[str, float]] = {}
-    meta_base = {
-        "model": "fedcore.model.Net",
-        "strategy": strategy.name,
-        "config_hash": cfg.config_hash(),
-        "seed": cfg.seed,
-    }
-    for rnd in range(first, cfg.rounds + 1):
-        started = time.perf_counter()
-        logger.info("Training round %d/%d", rnd, cfg.rounds)
-        plan = dataclasses.replace(cfg.train.plan(rnd), **strategy.plan_overrides())
-        for attempt in range(1 + (cfg.round_retries if cfg.below_quorum == "retry" else 0)):
-            try:
-                updates, failures = train_round(cfg, sessions, strategy, rnd, plan, weights)
-                break
-            except QuorumNotReached as exc:
-                if cfg.below_quorum == "fail" or attempt == cfg.round_retries:
-                    raise
-                logger.warning(
-                    "%s; trying round %d again (%d of %d)", exc, rnd, attempt + 1, cfg.round_retries
-                )
-        weights = strategy.aggregate(rnd, weights, updates, failures)
-        metrics = round_metrics(updates, failures)
-        metrics["lr"] = plan.lr
-        losses = ", ".join(f"{u.worker} {u.metrics.loss:.3f}" for u in updates)
-        results = None
-        if evaluator and cfg.evaluation.due(rnd, cfg.rounds):
-            models = {u.worker: u.weights for u in updates} if cfg.evaluation.workers else {}
-            models["federated"] = weights
-            results = evaluate_models.submit(
-                sessions[evaluator], rnd, models, groups, cfg.timeouts.evaluate
-            ).result()
-            logger.info("Evaluating models (round %d)", rnd)
-            for model, res in results.items():
-                for line in report.evaluation_lines(model, res, groups):
-                    logger.info(line)
-            evaluations[rnd] = {m: r.accuracy for m, r in results.items()}
-        metrics["round_seconds"] = time.perf_counter() - started
-        # The round is complete once its state is on disk; only then is it recorded.
-        path = write_round(
-            run_dir,
-            config=config_json,
-            config_path=config_path,
-            round=rnd,
-            weights=weights,
-            strategy=strategy.state_dict(),
-            metrics={**metrics, **(eval_metrics(results, groups) if results else {})},
-            mlflow_run_id=tracker.run_id_or_none(),
-            meta=meta_base,
-        )
-        tracker.log_artifact(path, "models")
-        if results is not None:
-            tracker.log_evaluation(rnd, results, groups, path)
-            artifacts.evaluation(rnd, results, groups)
-        tracker.log_metrics(metrics, step=rnd)
-        artifacts.round_done(rnd)
-        logger.info(
-            "Round %d/%d done in %.1fs (training loss: %s)",
-            rnd,
-            cfg.rounds,
-            metrics["round_seconds"],
-            losses,
-        )
-    final = evaluations.get(cfg.rounds, {}).get("federated")
-    if final is not None:
-        logger.info(
-            "Final federated model: %.2f%% test accuracy after %d rounds", 100 * final, cfg.rounds
-        )
-    return {
-        "name": cfg.name,
-        "rounds": cfg.rounds,
-        "final_accuracy": final,
-        "evaluations": evaluations,
-        "checkpoint_dir": str(run_dir),
-    }
-
-
-def train_round(
     cfg: ExperimentConfig,
-    sessions: dict[str, WorkerSession],
-    strategy: Any,
-    rnd: int,
-    plan: Any,
-    weights: dict[str, Any],
-) -> tuple[list[Update], list[Failure]]:
-    """One attempt at round `rnd`: every trainer in parallel, each until its deadline
-    (`timeouts.train`); returns the valid updates and the failures, or raises QuorumNotReached."""
+    strategy: Strategy,
+    config_path: str,
+    run_key: str,
+    resume: ResumePoint | None,
+) -> None:
+    """Start the training's MLflow run (params, tags, config), or reopen the resumed one."""
+    if resume is not None and resume.mlflow_run_id:
+        tracker.resume_run(resume.mlflow_run_id, resume.round, resume.metrics)
+        return
+    params = flatten("", cfg.model_dump(mode="json"), {})
+    params.update({f"strategy.{k}": str(v) for k, v in strategy.params().items()})
+    params["config_hash"] = cfg.config_hash()
+    tracker.start_run(
+        run_name=run_name(cfg.name, strategy.name),
+        tags={
+            "prefect.flow_run_id": run_key,
+            "prefect.flow_run_name": str(flow_run.get_name() or ""),
+            "config_path": config_path,
+            "config_hash": cfg.config_hash(),
+            "fedcore_version": fedcore.__version__,
+            "strategy": strategy.name,
+        },
+        params=params,
+        config=cfg.model_dump(mode="json"),
+    )
+
+
+def log_hello(worker: WorkerConfig, hello: Hello) -> None:
+    """Log what a started worker holds (the seed's line), and its device unless it is the CPU."""
     logger = get_run_logger()
-    trainers = [w.name for w in cfg.trainers]
-    futures = {
-        name: train_on_worker.submit(
-            sessions[name],
-            name,
-            rnd,
-            TrainRequest(
-                rnd,
-                plan,
-                derive_seed(cfg.seed, name, rnd),
-                weights,
-                strategy.extras_for(name, rnd),
-            ),
-            cfg.timeouts.train,
-        )
-        for name in trainers
-    }
-    updates: list[Update] = []
-    failures: list[Failure] = []
-    for name, fut in futures.items():
-        fut.wait()
-        if fut.state.is_completed():
-            update = fut.result()
-            try:
-                strategy.check_update(update, weights)
-            except UpdateRejected as rejected:
-                failures.append(Failure(name, rnd, "rejected", rejected.reason))
-                logger.warning("Round %d: update from %s rejected: %s", rnd, name, rejected)
-                continue
-            updates.append(update)
-            continue
-        exc = fut.state.result(raise_on_failure=False)
-        cause = FAILURE_CAUSES.get(type(exc).__name__, "failed")
-        failures.append(Failure(name, rnd, cause, str(exc)))
-        logger.warning("Round %d: %s dropped (%s): %s", rnd, name, cause, exc)
-    screened = screen_updates(updates, weights, cfg.screening.norm_factor)
-    for name, reason in screened.dropped:
-        failures.append(Failure(name, rnd, "rejected", reason))
-        logger.warning("Round %d: update from %s rejected: %s", rnd, name, reason)
-    updates = screened.kept
-    if len(updates) < cfg.required_updates():
-        raise QuorumNotReached(
-            f"round {rnd}: {len(updates)} of {len(trainers)} workers returned an update, "
-            f"{cfg.required_updates()} needed; failed: "
-            + "; ".join(f"{f.worker} ({f.cause}: {f.message})" for f in failures)
-        )
-    return updates, failures
+    logger.info(report.available_numbers(worker.name, worker.shard().split, hello.label_counts))
+    if hello.device != "cpu":
+        logger.info("%s runs on %s (torch %s)", worker.name, hello.device, hello.torch)
 
 
-__all__ = ["federated_mnist", "run_training", "FedError"]
+def finish_record(ctx: RunContext, summary: dict[str, Any]) -> dict[str, Any]:
+    """Add the MLflow run id and link to a finished training's summary and publish it."""
+    logger = get_run_logger()
+    try:
+        summary["mlflow_run_id"] = ctx.tracker.wait_run_id(timeout=60)
+    except Exception as exc:  # noqa: BLE001 - reported below with the other tracking errors
+        summary["mlflow_run_id"] = None
+        logger.warning("MLflow run could not be created: %s", exc)
+    url = ctx.tracker.run_url(ctx.cfg.tracking.ui_url)
+    if url:
+        ctx.artifacts.mlflow_link(url)
+        logger.info("MLflow run: %s", url)
+    summary["mlflow_url"] = url
+    ctx.artifacts.summary(summary_markdown(summary, ctx.strategy.name, url))
+    return summary
+
+
+__all__ = ["federated_mnist", "make_session", "run_training", "FedError"]

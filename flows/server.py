@@ -2,7 +2,7 @@
 
 `fedmnist server` runs `prefect server start` on 127.0.0.1:4200 with its own PREFECT_HOME
 (`$FEDMNIST_HOME/prefect-server`: a SQLite database, unless PREFECT_SERVER_DATABASE_CONNECTION_URL
-names PostgreSQL) and telemetry off (offline it only logs errors; FIELD-NOTES). One long-lived
+names PostgreSQL) and telemetry off (offline it only logs errors, on every start). One long-lived
 server is what deployments, schedules and the UI need; the temporary server a bare `fedmnist run`
 starts lives only as long as that run. Clients (`fedmnist serve`, `prefect deployment run`) find
 it through PREFECT_API_URL, which `fedmnist server` prints.

@@ -7,7 +7,8 @@ opening the logs. Each call is one small API request; none carries tensors.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 from prefect.artifacts import (
     create_link_artifact,
@@ -43,8 +44,12 @@ class RunArtifacts:
     def __init__(self, name: str, total_rounds: int) -> None:
         self.total = total_rounds
         self.name = name
-        self.progress = create_progress_artifact(
-            0.0, key=f"{_key(name)}-progress", description=f"{name}: round 0 of {total_rounds}"
+        # The flow's code is synchronous, so Prefect runs the synchronous variant: a UUID.
+        self.progress = cast(
+            UUID,
+            create_progress_artifact(
+                0.0, key=f"{_key(name)}-progress", description=f"{name}: round 0 of {total_rounds}"
+            ),
         )
 
     def round_done(self, rnd: int) -> None:

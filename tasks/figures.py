@@ -1,5 +1,6 @@
 """Pictures of a training for the MLflow record: accuracy by round of every model on one plot,
-the confusion matrix of the federated model, and the share of predictions per digit group.
+the confusion matrix of the federated model, and the share of predictions per digit group
+(`save_run_figures` draws all three from a training's evaluations).
 
 Drawn with matplotlib's object API on the Agg canvas: no pyplot, hence no GUI backend and no global
 "current figure", so the tracker's background thread can draw while other threads work.
@@ -13,10 +14,10 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from fedcore.evaluation import EvalResult
 from fedcore.report import model_label
 from fedcore.shards import format_labels
-
-FEDERATED = "federated"
+from tasks.tracking.naming import FEDERATED
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -112,3 +113,37 @@ def save_png(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def save_run_figures(
+    evaluations: Mapping[int, Mapping[str, EvalResult]],
+    groups: Sequence[Sequence[int]],
+    out: Path,
+) -> list[Path]:
+    """A training's pictures, from its evaluations so far.
+
+    Args:
+        evaluations: round -> model (`federated` or a worker) -> result; not empty.
+        groups: the digit groups of the results' `group_shares` (none: no group picture).
+        out: the folder to write into.
+
+    Returns:
+        The files written: `accuracy_by_round.png`, and of the last evaluated round
+        `confusion_federated_rNNN.png` (when the federated model was evaluated) and
+        `group_shares_rNNN.png`.
+    """
+    last = max(evaluations)
+    results = evaluations[last]
+    history = {r: {m: res.accuracy for m, res in rs.items()} for r, rs in evaluations.items()}
+    written = [save_png(accuracy_by_round(history), out / "accuracy_by_round.png")]
+    if FEDERATED in results:
+        figure = confusion_matrix(results[FEDERATED].confusion, f"Federated model, round {last}")
+        written.append(save_png(figure, out / f"confusion_federated_r{last:03d}.png"))
+    if groups:
+        figure = group_shares(
+            {m: r.group_shares for m, r in results.items()},
+            groups,
+            f"Share of predictions per digit group, round {last}",
+        )
+        written.append(save_png(figure, out / f"group_shares_r{last:03d}.png"))
+    return written

@@ -1,10 +1,10 @@
 """Tasks that talk to worker programs: start, train one round, evaluate.
 
 Each task wraps one `fedcore.session.WorkerSession` call. Sessions and tensors are passed by
-reference, never hashed or persisted (`NO_CACHE`, `persist_result=False`: a state dict as a cache
-key doubles a task's cost, FIELD-NOTES). Retries cover transient causes only: a worker that
-dropped or timed out is restarted and asked again; a rejected update or a worker's own error is
-not retried.
+reference, never hashed or persisted (`NO_CACHE`, `persist_result=False`): hashing a state dict
+for a cache key costs as much as the call it would save. A task is retried exactly when its error
+says it is transient (`FedError.transient`): a worker that dropped is restarted and asked again;
+a worker that ran past its deadline, a rejected update or a worker's own error is not retried.
 
 A worker program's own log lines (its stderr, or its SSH channel's) arrive on a transport's reader
 thread as records of `fedcore.worker.<name>`. That thread has no Prefect run context, so Prefect's
@@ -19,23 +19,30 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from prefect import get_run_logger, task
+from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State, TaskRun
 from prefect.runtime import flow_run
 
-from fedcore.errors import WorkerTimeout, WorkerUnreachable
+from fedcore.errors import FedError
 from fedcore.evaluation import EvalResult
 from fedcore.protocol import Hello, TrainRequest, Update
 from fedcore.session import WorkerSession
 
-TRANSIENT = (WorkerUnreachable,)  # includes WorkerTimeout
 
+def is_transient(task: Task[..., Any], task_run: TaskRun | None, state: State) -> bool:
+    """Prefect's retry condition: retry when the task's error is a transient `FedError`.
 
-def is_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only when the worker dropped (it is restarted). A worker that ran past its deadline
-    is not retried: the round's deadline has passed and the round goes on without it."""
+    Args:
+        task, task_run: the task and its run (unused; Prefect passes them).
+        state: the failed state; its result is the raised exception.
+
+    Returns:
+        True for `WorkerUnreachable` (the session restarts the program); False for everything
+        else, `WorkerTimeout` included (the round's deadline has passed).
+    """
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, TRANSIENT) and not isinstance(exc, WorkerTimeout)
+    return isinstance(exc, FedError) and exc.transient
 
 
 class FlowRunStamp(logging.Filter):

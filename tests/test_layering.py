@@ -10,12 +10,14 @@ import sys
 
 from conftest import ROOT
 
+from fedcore.transport.ssh.bundle import module_path, worker_modules
+
 
 def test_fedcore_imports_neither_prefect_nor_mlflow() -> None:
     code = (
         "import json, sys, pkgutil, importlib, fedcore\n"
         "for m in pkgutil.walk_packages(fedcore.__path__, 'fedcore.'):\n"
-        "    if m.name != 'fedcore.lab': importlib.import_module(m.name)\n"
+        "    importlib.import_module(m.name)\n"
         "print(json.dumps(sorted(k for k in sys.modules if k.split('.')[0] in "
         "('prefect', 'mlflow', 'tasks', 'flows'))))"
     )
@@ -25,29 +27,35 @@ def test_fedcore_imports_neither_prefect_nor_mlflow() -> None:
     assert json.loads(out.stdout) == []
 
 
-def _worker_closure() -> set[str]:
-    """fedcore modules the worker program imports, followed transitively."""
-    seen: set[str] = set()
-    todo = ["worker"]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        tree = ast.parse((ROOT / "fedcore" / f"{name}.py").read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                if node.module:
-                    todo.append(node.module.split(".")[0])
-                else:
-                    todo.extend(a.name for a in node.names)
-    return seen
+def test_loading_a_config_does_not_import_paramiko() -> None:
+    # fedcore.config validates `ssh:` settings with SSHConfig; only talking SSH needs paramiko.
+    code = "import json, sys, fedcore.config\nprint(json.dumps('paramiko' in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert json.loads(out.stdout) is False
+
+
+def test_ssh_package_exports_its_names_not_its_submodules() -> None:
+    # A submodule named like an exported function would replace it on the package once imported.
+    code = (
+        "import json, pkgutil, importlib, types, fedcore.transport.ssh as ssh\n"
+        "for m in pkgutil.iter_modules(ssh.__path__, ssh.__name__ + '.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "print(json.dumps(sorted(n for n in ssh.__all__ "
+        "if isinstance(getattr(ssh, n), types.ModuleType))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert json.loads(out.stdout) == []
 
 
 def test_worker_side_uses_only_torch_and_the_standard_library() -> None:
+    # worker_modules() is what ships to a device: the worker's fedcore import closure.
     allowed = set(sys.stdlib_module_names) | {"torch", "__future__"}
-    for name in _worker_closure():
-        tree = ast.parse((ROOT / "fedcore" / f"{name}.py").read_text())
+    for name in worker_modules():
+        tree = ast.parse(module_path(name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 tops = [a.name.split(".")[0] for a in node.names]
@@ -59,7 +67,7 @@ def test_worker_side_uses_only_torch_and_the_standard_library() -> None:
 
 
 def test_worker_side_parses_as_python_38() -> None:
-    files = [str(ROOT / "fedcore" / f"{n}.py") for n in sorted(_worker_closure())]
+    files = [str(module_path(n)) for n in worker_modules()]
     for f in files:
         ast.parse(open(f).read(), feature_version=(3, 8))
     vermin = shutil.which("vermin") or str(ROOT / ".venv" / "bin" / "vermin")

@@ -1,9 +1,11 @@
-"""Aggregation strategies, one file each; `build_strategy` makes the one a config names.
+"""Aggregation strategies; `build_strategy` makes the one a config names.
 
 A strategy is composed, not inherited: a weighting (`weighting.py`: "unweighted" or "samples",
 always named) plus, optionally, a server optimizer (`server_optimizer.py`: a torch optimizer
 stepping the global model on the pseudo-gradient) plus what the workers do locally (the plan's
-`prox_mu` for FedProx, `scaffold` for SCAFFOLD's control variates). Configured by name:
+`prox_mu` for FedProx, `scaffold` for SCAFFOLD's control variates). Every averaging strategy is a
+configuration of `FedOpt` (`fedopt.py`); SCAFFOLD (`scaffold.py`) holds a FedOpt for its model
+step. `base.py` is the interface the flow uses, `aggregate.py` the arithmetic. Configured by name:
 
     {name: mean}                                     the seed's unweighted mean
     {name: fedavg}                                   sample-weighted FedAvg
@@ -21,15 +23,19 @@ from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, RootModel, model_validator
 
-from .base import Failure, Strategy, StrategyState
-from .fedadagrad import FedAdagradConfig
-from .fedadam import FedAdamConfig
-from .fedavg import FedAvg, FedAvgConfig
-from .fedavgm import FedAvgMConfig
-from .fedopt import FedOpt
-from .fedprox import FedProxConfig
-from .fedyogi import FedYogiConfig
-from .mean import MeanConfig, UnweightedMean
+from .base import Failure, Strategy, StrategyState, Weights
+from .fedopt import (
+    FedAdagradConfig,
+    FedAdamConfig,
+    FedAvg,
+    FedAvgConfig,
+    FedAvgMConfig,
+    FedOpt,
+    FedProxConfig,
+    FedYogiConfig,
+    MeanConfig,
+    UnweightedMean,
+)
 from .scaffold import Scaffold, ScaffoldConfig
 
 AnyStrategyConfig = Annotated[
@@ -108,5 +114,6 @@ __all__ = [
     "StrategyConfig",
     "StrategyState",
     "UnweightedMean",
+    "Weights",
     "build_strategy",
 ]

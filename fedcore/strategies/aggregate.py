@@ -1,4 +1,4 @@
-"""The arithmetic of aggregation, as pure functions on named tensors."""
+"""The arithmetic of aggregation, as pure functions on named tensors (no strategy state here)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,17 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-Weights = Mapping[str, torch.Tensor]
+from ..model import Weights
 
 
 def weighted_mean(
-    models: Sequence[Weights], coefficients: Sequence[float]
-) -> dict[str, torch.Tensor]:
-    """sum_i c_i w_i / sum_i c_i, tensor by tensor (computed in float64, returned in each dtype)."""
+    models: Sequence[Mapping[str, torch.Tensor]], coefficients: Sequence[float]
+) -> Weights:
+    """sum_i c_i w_i / sum_i c_i, tensor by tensor (computed in float64, returned in each dtype).
+
+    Raises:
+        ValueError: no models, a coefficient count that differs, or coefficients not summing > 0.
+    """
     if not models:
         raise ValueError("weighted_mean needs at least one model")
     if len(models) != len(coefficients):
@@ -30,24 +34,31 @@ def weighted_mean(
 
 
 def pseudo_gradient(
-    global_weights: Weights, average: Weights, names: Sequence[str]
-) -> dict[str, torch.Tensor]:
+    global_weights: Mapping[str, torch.Tensor],
+    average: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+) -> Weights:
     """global - average for each of `names`: the direction a server optimizer descends."""
     return {k: global_weights[k] - average[k] for k in names}
 
 
-def floating_spec(weights: Weights) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def floating_spec(
+    weights: Mapping[str, torch.Tensor],
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> (shape, dtype) of the floating-point tensors of `weights` (what optimizers step)."""
     return {k: (tuple(t.shape), t.dtype) for k, t in weights.items() if t.is_floating_point()}
 
 
 def mean_over(
-    tensor_sets: Sequence[Weights], count: int, spec: Mapping[str, tuple]
-) -> dict[str, torch.Tensor]:
+    tensor_sets: Sequence[Mapping[str, torch.Tensor]], count: int, spec: Mapping[str, tuple]
+) -> Weights:
     """sum_j t_j / count, tensor by tensor (float64 sum); zeros of `spec` where the sets are none.
 
     With `count` the population N and `tensor_sets` the control variates on record, this is
     SCAFFOLD's server control variate c = (1/N) sum_j c_j.
+
+    Raises:
+        ValueError: `count` is below the number of sets.
     """
     if count < max(len(tensor_sets), 1):
         raise ValueError(f"count {count} is below the {len(tensor_sets)} sets averaged")

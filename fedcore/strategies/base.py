@@ -2,11 +2,13 @@
 
 Modelled on Flower's `Strategy` (adap/flower, `server/strategy/strategy.py`): `aggregate` receives
 the round's updates *and* its failures, so a device that dropped out arrives as data, not as a
-crash. A strategy may also attach named tensors to each train request (`extras_for`), ask for
-extra tensor groups in each reply (`reply_groups`), and change what the workers do locally
+crash. `aggregate` is a template: it checks every update (`check_update`) before any state changes,
+then hands the checked updates to the strategy's `combine`, so no strategy can forget a check or
+half-apply a round. A strategy may also attach named tensors to each train request (`extras_for`),
+ask for extra tensor groups in each reply (`reply_groups`), and change what the workers do locally
 (`plan_overrides`, merged into every round's `TrainPlan`): this is how drift correction reaches the
-workers without touching the transport (DESIGN.md decision 8). A strategy that keeps state across
-rounds (momentum buffers, control variates) hands it out with `state_dict` for a resumed training.
+workers without the transport knowing any strategy. A strategy that keeps state across rounds
+(momentum buffers, control variates) hands it out with `state_dict` for a resumed training.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from typing import Any
 import torch
 
 from ..errors import UpdateRejected
+from ..model import Weights
 from ..protocol import Update
 
-Weights = dict[str, torch.Tensor]
+__all__ = ["Failure", "Strategy", "StrategyState", "Weights", "check_state_owner"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class Failure:
 
     worker: str
     round: int
-    cause: str  # "unreachable" | "timeout" | "failed" | "rejected"
+    cause: str  # the failing error's `FedError.cause`: "unreachable", "timeout", "rejected", ...
     message: str
 
 
@@ -84,7 +87,6 @@ class Strategy(abc.ABC):
                 f"(allowed besides weights: {allowed})",
             )
 
-    @abc.abstractmethod
     def aggregate(
         self,
         round: int,
@@ -94,9 +96,34 @@ class Strategy(abc.ABC):
     ) -> Weights:
         """The next global weights from this round's valid updates (at least one).
 
+        Every update passes `check_update` before `combine` runs, so a rejected round changes
+        no state.
+
         Raises:
+            ValueError: no updates, or `combine` refuses them.
             UpdateRejected: an update fails `check_update` (no state is changed then).
-            ValueError: no updates.
+        """
+        if not updates:
+            raise ValueError(f"round {round}: no updates to aggregate")
+        for u in updates:
+            self.check_update(u, global_weights)
+        return self.combine(round, global_weights, updates, failures)
+
+    @abc.abstractmethod
+    def combine(
+        self,
+        round: int,
+        global_weights: Mapping[str, torch.Tensor],
+        updates: Sequence[Update],
+        failures: Sequence[Failure],
+    ) -> Weights:
+        """The next global weights from updates that all passed `check_update` (at least one).
+
+        Called by `aggregate`; a strategy that holds another (SCAFFOLD holds FedOpt) calls the
+        held one's `combine` directly, its updates being checked already.
+
+        Raises:
+            ValueError: the updates cannot be combined (before any state changes).
         """
 
     def params(self) -> dict[str, object]:

@@ -5,9 +5,10 @@ for Federated Learning" (ICML), Algorithm 1 with option II. The worker's side (c
 local gradient by c - c_i, computing c_i+ and replying with the delta only) is in
 `fedcore.local_algorithms`, switched on by the plan's `scaffold: true` (`plan_overrides`). Here:
 
-- the model: the workers' models are averaged with the configured weighting and the server
-  optimizer (SGD: server_lr eta_g, momentum, Nesterov) steps the global model on global - average.
-  The paper's x <- x + eta_g mean(y_i - x) is `weighting: unweighted` with momentum 0;
+- the model: a held `FedOpt` (`model_step`) averages the workers' models with the configured
+  weighting and its server optimizer (SGD: server_lr eta_g, momentum, Nesterov) steps the global
+  model on global - average. The paper's x <- x + eta_g mean(y_i - x) is `weighting: unweighted`
+  with momentum 0;
 - the control variate: the server keeps, per worker, the record c_i = sum of the deltas it
   applied (bit-equal to the worker's own c_i), and sets c = (1/N) sum_j c_j after each round, with N
   every trainer it has seen so far, in updates or failures. With a fixed population that is the
@@ -42,20 +43,22 @@ import torch
 from .. import wire
 from ..errors import UpdateRejected
 from ..local_algorithms import CONTROL, CONTROL_BASE, CONTROL_DELTA
+from ..model import Weights
 from ..protocol import Update
 from .aggregate import floating_spec, mean_over
-from .base import Failure, Strategy, StrategyState, Weights, check_state_owner
-from .fedavgm import ServerSGDOptions
+from .base import Failure, Strategy, StrategyState, check_state_owner
+from .fedopt import FedOpt, ServerSGDOptions
 from .server_optimizer import ServerOptimizer
-from .weighting import Weighting, average
+from .weighting import Weighting
 
 log = logging.getLogger("fedcore.strategies.scaffold")
 
 PAPER = "Karimireddy et al. 2020, SCAFFOLD (ICML), option II"
+CONTROL_RULE = "c = mean of every seen worker's c_i"
 
 
 class Scaffold(Strategy):
-    """SCAFFOLD's control variates + a weighting + an optional server optimizer.
+    """SCAFFOLD's control variates around a `FedOpt` that steps the model.
 
     Args:
         weighting: how the workers' models are averaged ("unweighted" is the paper's).
@@ -65,8 +68,8 @@ class Scaffold(Strategy):
     name = "scaffold"
 
     def __init__(self, weighting: Weighting, server: ServerOptimizer | None = None) -> None:
-        self.weighting = weighting
-        self.server = server
+        extra = {"control_update": CONTROL_RULE, "paper": PAPER}
+        self.model_step = FedOpt(self.name, weighting, server, extra_params=extra)
         self._c: dict[str, torch.Tensor] | None = None  # None until the first aggregate: zero
         self._records: dict[str, dict[str, torch.Tensor]] = {}  # worker -> its c_i, as applied
         self._bases: dict[str, int] = {}  # worker -> round of the last delta applied (0: none)
@@ -118,23 +121,23 @@ class Scaffold(Strategy):
                 "(the flow must merge strategy.plan_overrides() into each round's plan)",
             )
 
-    def aggregate(
+    def combine(
         self,
         round: int,
         global_weights: Mapping[str, torch.Tensor],
         updates: Sequence[Update],
         failures: Sequence[Failure],
     ) -> Weights:
-        if not updates:
-            raise ValueError(f"round {round}: no updates to aggregate")
+        """The model step's weights; then each worker's c_i and c take the round's deltas.
+
+        Raises:
+            ValueError: several updates from one worker (before any state changes).
+        """
         names = [u.worker for u in updates]
         if len(set(names)) != len(names):
             raise ValueError(f"round {round}: several updates from one worker: {sorted(names)}")
-        for u in updates:
-            self.check_update(u, global_weights)
         spec = floating_spec(dict(global_weights))
-        mean = average(self.weighting, updates)
-        weights = self.server.step(dict(global_weights), mean) if self.server else mean
+        weights = self.model_step.combine(round, global_weights, updates, failures)
 
         self._population.update(names)
         self._population.update(f.worker for f in failures)
@@ -160,12 +163,10 @@ class Scaffold(Strategy):
     # -- record and resume -----------------------------------------------------------------
 
     def params(self) -> dict[str, object]:
-        out: dict[str, object] = {"name": self.name, "weighting": self.weighting}
-        out.update(self.server.params() if self.server else {"server_optimizer": "none"})
-        out.update({"control_update": "c = mean of every seen worker's c_i", "paper": PAPER})
-        return out
+        return self.model_step.params()
 
     def state_dict(self) -> StrategyState:
+        """`control/<tensor>`, `record/<worker>/<tensor>`, then the model step's `server/...`."""
         tensors: dict[str, torch.Tensor] = {}
         values: dict[str, Any] = {
             "bases": dict(sorted(self._bases.items())),
@@ -175,17 +176,22 @@ class Scaffold(Strategy):
             tensors.update({f"control/{k}": t.clone() for k, t in self._c.items()})
         for worker, record in self._records.items():
             tensors.update({f"record/{worker}/{k}": t.clone() for k, t in record.items()})
-        if self.server is not None:
-            server_tensors, server_values = self.server.state_dict()
-            tensors.update({f"server/{k}": t for k, t in server_tensors.items()})
-            values.update({f"server/{k}": v for k, v in server_values.items()})
+        model = self.model_step.state_dict()
+        tensors.update(model.tensors)
+        values.update(model.values)
         return StrategyState(self.name, tensors, values)
 
     def load_state_dict(self, state: StrategyState) -> None:
+        """Resume from `state_dict()`'s output; the `server/...` entries go to the model step.
+
+        Raises:
+            ValueError: another strategy's state, an unknown entry, records or bases of workers
+                outside the population, or server entries without a server optimizer.
+        """
         check_state_owner(self.name, state)
         c: dict[str, torch.Tensor] = {}
         records: dict[str, dict[str, torch.Tensor]] = {}
-        server_tensors: dict[str, torch.Tensor] = {}
+        model_tensors: dict[str, torch.Tensor] = {}
         for key, t in state.tensors.items():
             kind, _, rest = key.partition("/")
             if kind == "control":
@@ -194,27 +200,21 @@ class Scaffold(Strategy):
                 worker, _, param = rest.partition("/")
                 records.setdefault(worker, {})[param] = t.clone()
             elif kind == "server":
-                server_tensors[rest] = t
+                model_tensors[key] = t
             else:
                 raise ValueError(f"unexpected SCAFFOLD state tensor {key!r}")
-        values = dict(state.values)
-        bases = {str(k): int(v) for k, v in values.pop("bases", {}).items()}
-        population = {str(w) for w in values.pop("population", [])}
-        server_values = {}
-        for key, v in values.items():
-            if not key.startswith("server/"):
-                raise ValueError(f"unexpected SCAFFOLD state value {key!r}")
-            server_values[key[len("server/") :]] = v
+        model_values = dict(state.values)
+        bases = {str(k): int(v) for k, v in model_values.pop("bases", {}).items()}
+        population = {str(w) for w in model_values.pop("population", [])}
         stray = sorted(set(records) - set(bases))
         if stray:
             raise ValueError(f"SCAFFOLD state is inconsistent: records {stray} without a base")
         outside = sorted(set(bases) - population)
         if outside:
             raise ValueError(f"SCAFFOLD state is inconsistent: {outside} missing from population")
-        if self.server is not None:
-            self.server.load_state_dict(server_tensors, server_values)
-        elif server_tensors or server_values:
+        if self.model_step.server is None and (model_tensors or model_values):
             raise ValueError("this SCAFFOLD has no server optimizer to resume")
+        self.model_step.load_state_dict(StrategyState(self.name, model_tensors, model_values))
         self._c = c or None
         self._records, self._bases, self._population = records, bases, population
 
@@ -223,7 +223,7 @@ class ScaffoldConfig(ServerSGDOptions):
     """`{name: scaffold, weighting, server_lr: 1.0, momentum: 0.0, nesterov: false}`."""
 
     name: Literal["scaffold"]
-    weighting: Weighting
+    paper = PAPER
 
-    def build(self) -> Scaffold:
+    def build(self) -> Strategy:
         return Scaffold(self.weighting, self.server())

@@ -4,7 +4,8 @@
   Algorithm 2 averages the sampled clients' deltas this way);
 - "samples": in proportion to the examples the worker holds (FedAvg, McMahan et al. 2017).
 
-Neither is a default anywhere: a configuration names one (STYLE.md habit 3).
+Neither is a default anywhere: a configuration names one, so that no record leaves the reader
+guessing which average a training took.
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal, get_args
 
+from ..model import Weights
 from ..protocol import Update
 from .aggregate import weighted_mean
-from .base import Weights
 
 Weighting = Literal["unweighted", "samples"]
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 
 
 def coefficients(weighting: Weighting, updates: Sequence[Update]) -> list[float]:
-    """Each update's (unnormalised) weight under `weighting`."""
+    """Each update's (unnormalised) weight under `weighting`.
+
+    Raises:
+        ValueError: an unknown weighting.
+    """
     if weighting == "unweighted":
         return [1.0] * len(updates)
     if weighting == "samples":
@@ -30,7 +35,11 @@ def coefficients(weighting: Weighting, updates: Sequence[Update]) -> list[float]
 
 
 def average(weighting: Weighting, updates: Sequence[Update]) -> Weights:
-    """The weighted mean of the updates' models."""
+    """The weighted mean of the updates' models.
+
+    Raises:
+        ValueError: no updates, or an unknown weighting.
+    """
     if not updates:
         raise ValueError("cannot average a round without updates")
     return weighted_mean([u.weights for u in updates], coefficients(weighting, updates))

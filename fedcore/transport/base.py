@@ -1,8 +1,13 @@
-"""What every transport provides: open a byte pipe to a started worker program."""
+"""What every transport provides: open a byte pipe to a started worker program.
+
+The read loop (deadline, end of stream, a frame cut in the middle) lives once, in
+`Pipe.read_exact`; a pipe supplies only `read_available`, one wait for whatever bytes come.
+"""
 
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass
 
 from ..shards import ShardSpec
@@ -45,13 +50,60 @@ class Pipe(abc.ABC):
     def send(self, data: bytes) -> None:
         """Write all of `data`; raises ConnectionError when the worker is gone."""
 
-    @abc.abstractmethod
     def read_exact(self, n: int, timeout: float | None) -> bytes:
         """Read exactly n bytes within `timeout` seconds.
 
-        Raises EOFError when the stream ends before any byte, ConnectionError when it ends in
-        the middle, TimeoutError when the time runs out.
+        Args:
+            n: how many bytes.
+            timeout: seconds for all n bytes; None waits for ever.
+
+        Returns:
+            The n bytes.
+
+        Raises:
+            EOFError: the stream ends before any byte.
+            ConnectionError: it ends in the middle, or fails.
+            TimeoutError: the time runs out (checked before each wait).
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        chunks: list[bytes] = []
+        left = n
+        while left:
+            wait = None if deadline is None else deadline - time.monotonic()
+            try:
+                if wait is not None and wait <= 0:
+                    raise TimeoutError
+                chunk = self.read_available(min(left, 1 << 20), wait)
+            except TimeoutError:
+                raise TimeoutError(f"{self.description} sent nothing for {timeout:.0f}s") from None
+            if not chunk:
+                why = self.end_reason()
+                if left == n:
+                    raise EOFError(f"{self.description} closed its output{why}")
+                raise ConnectionError(f"{self.description} closed its output mid-frame{why}")
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    @abc.abstractmethod
+    def read_available(self, n: int, wait: float | None) -> bytes:
+        """Wait for the stream to have bytes, then return what is there, up to n.
+
+        Args:
+            n: the most bytes to return (> 0).
+            wait: the most seconds to wait (> 0); None waits for ever.
+
+        Returns:
+            1 to n bytes, or b"" when the stream has ended.
+
+        Raises:
+            TimeoutError: nothing arrived within `wait`.
+            ConnectionError: the stream failed.
+        """
+
+    def end_reason(self) -> str:
+        """Why the stream ended, as a suffix for the error (e.g. " (exit status 1)"), or ""."""
+        return ""
 
     @abc.abstractmethod
     def alive(self) -> bool:

@@ -12,7 +12,6 @@ import select
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from .base import Pipe, Transport, WorkerLaunch
@@ -46,23 +45,11 @@ class LocalPipe(Pipe):
         except (BrokenPipeError, OSError, ValueError) as exc:
             raise ConnectionError(f"{self.description} is gone: {exc}") from None
 
-    def read_exact(self, n: int, timeout: float | None) -> bytes:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        chunks: list[bytes] = []
-        left = n
-        while left:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([self._out], [], [], wait)
-            if not ready:
-                raise TimeoutError(f"{self.description} sent nothing for {timeout:.0f}s")
-            chunk = os.read(self._out, min(left, 1 << 20))
-            if not chunk:
-                if left == n:
-                    raise EOFError(f"{self.description} closed its output")
-                raise ConnectionError(f"{self.description} closed its output mid-frame")
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
+    def read_available(self, n: int, wait: float | None) -> bytes:
+        ready, _, _ = select.select([self._out], [], [], wait)
+        if not ready:
+            raise TimeoutError
+        return os.read(self._out, n)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -35,8 +35,8 @@ import yaml
 from conftest import ROOT
 
 from fedcore.checkpoint import load_weights
-from fedcore.lab import kill_host, lab_down, lab_up, restart_host
 from fedcore.shards import ShardSpec
+from fedlab import kill_host, lab_down, lab_up, restart_host
 
 pytestmark = pytest.mark.slow
 ROUNDS = 8

@@ -1,19 +1,15 @@
 """The ssh transport end to end, against real OpenSSH servers: the loopback Jetson lab.
 
-Every device is an sshd on 127.0.0.1 with its own host key, Linux user and shard (fedcore.lab).
+Every device is an sshd on 127.0.0.1 with its own host key, Linux user and shard (fedlab).
 Nothing is mocked: host keys, logins, the agentless bootstrap over SFTP and the worker program all
 run for real. Skipped, with the reason, where sshd cannot be installed or started.
 """
 
 from __future__ import annotations
 
-import os
 import pwd
-import re
 import shutil
-import struct
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -24,9 +20,9 @@ from pathlib import Path
 import pydantic
 import pytest
 import torch
+from labkit import IS_ROOT, SEED_SHARDS, start_lab
 
 from fedcore.errors import HostKeyMismatch, WorkerFailed, WorkerTimeout, WorkerUnreachable
-from fedcore.lab import LabError, LabInfo, kill_host, lab_down, lab_status, lab_up, user_name
 from fedcore.model import initial_weights
 from fedcore.protocol import TrainRequest
 from fedcore.seeding import derive_seed
@@ -50,48 +46,17 @@ from fedcore.transport.ssh import (
     trust,
     worker_modules,
 )
+from fedlab import LabInfo, kill_host, lab_status
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-SEED_SHARDS = {
-    "alice": ShardSpec.by_labels(range(0, 4)),
-    "bob": ShardSpec.by_labels(range(4, 7)),
-    "charlie": ShardSpec.by_labels(range(7, 10)),
-    "testing": ShardSpec(split="test"),
-}
 TRAINERS = ("alice", "bob", "charlie")
-IS_ROOT = os.geteuid() == 0
-
-
-def _lab_dir(prefix: str) -> Path:
-    """A fresh folder other users can enter (mkdtemp makes it 700; pytest's tmp_path is too)."""
-    d = Path(tempfile.mkdtemp(prefix=prefix))
-    d.chmod(0o755)
-    return d
-
-
-def _start_lab(
-    request: pytest.FixtureRequest, prefix: str, shards: dict, mnist: Path, evaluator=None
-) -> LabInfo:
-    done = subprocess.run(
-        [str(ROOT / "scripts" / "install-sshd.sh")], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"sshd cannot be installed: {done.stderr.strip()[-300:]}")
-    lab_dir = _lab_dir(prefix)
-    # Finalizers run last-in first-out: lab_down (sshd, users, folder), then the folder anyway.
-    request.addfinalizer(lambda: shutil.rmtree(lab_dir, ignore_errors=True))
-    request.addfinalizer(lambda: lab_down(lab_dir))
-    try:
-        return lab_up(lab_dir, shards, mnist, evaluator)
-    except LabError as exc:
-        pytest.skip(f"the loopback lab cannot start: {exc}")
 
 
 @pytest.fixture(scope="module")
 def lab(request: pytest.FixtureRequest, mnist_dir: Path) -> LabInfo:
-    return _start_lab(request, "fedmnist-lab-", SEED_SHARDS, mnist_dir, evaluator="testing")
+    return start_lab(request, "fedmnist-lab-", SEED_SHARDS, mnist_dir, evaluator="testing")
 
 
 def cfg(lab: LabInfo, name: str, **changes) -> SSHConfig:
@@ -204,45 +169,6 @@ def test_bootstrap_uploads_once_then_skips(lab: LabInfo) -> None:
 def test_worker_modules_list_is_complete() -> None:
     # The constant names every fedcore module the worker imports, transitively.
     assert set(worker_modules()) == set(WORKER_MODULES)
-
-
-# -- the lab's isolation ------------------------------------------------------------------------
-
-
-def test_each_lab_device_holds_only_its_digits(lab: LabInfo) -> None:
-    expected = {"alice": {0, 1, 2, 3}, "bob": {4, 5, 6}, "charlie": {7, 8, 9}}
-    for name, digits in expected.items():
-        raw = (Path(lab.hosts[name].data_dir) / "train-labels-idx1-ubyte").read_bytes()
-        magic, count = struct.unpack(">II", raw[:8])
-        assert (magic, count) == (2049, len(raw) - 8)
-        assert set(raw[8:]) == digits
-    raw = (Path(lab.hosts["testing"].data_dir) / "t10k-labels-idx1-ubyte").read_bytes()
-    assert struct.unpack(">II", raw[:8]) == (2049, 10000)
-
-
-@pytest.mark.skipif(not IS_ROOT, reason="per-device users need root")
-def test_each_lab_user_reads_only_its_own_shard(lab: LabInfo) -> None:
-    for reader in SEED_SHARDS:
-        for owner in SEED_SHARDS:
-            host = lab.hosts[owner]
-            split = "t10k" if host.shard.split == "test" else "train"
-            target = Path(host.data_dir) / f"{split}-labels-idx1-ubyte"
-            done = subprocess.run(
-                [
-                    "su",
-                    "-s",
-                    "/bin/sh",
-                    user_name(reader),
-                    "-c",
-                    f"head -c 8 {target} | od -An -tx1",
-                ],
-                capture_output=True,
-                text=True,
-            )
-            if reader == owner:
-                assert done.stdout.split()[:4] == ["00", "00", "08", "01"], done.stderr
-            else:
-                assert "Permission denied" in done.stderr, (reader, owner, done.stdout)
 
 
 # -- ProxyJump and probe/trust ----------------------------------------------------------------
@@ -430,7 +356,7 @@ def test_a_password_in_the_config_is_refused(field: str) -> None:
 
 @pytest.fixture
 def small_lab(request: pytest.FixtureRequest, mnist_dir: Path) -> LabInfo:
-    return _start_lab(
+    return start_lab(
         request, "fedmnist-lab-small-", {"dora": ShardSpec.by_labels([0, 1])}, mnist_dir
     )
 
@@ -466,50 +392,3 @@ def test_a_device_dying_mid_training_is_unreachable_without_hanging(small_lab: L
             session.train(TrainRequest(3, TrainPlan(steps=2), 13, w), timeout=30)
     finally:
         session.close()
-
-
-def test_lab_up_twice_replaces_and_lab_down_cleans_everything(
-    small_lab: LabInfo, mnist_dir: Path
-) -> None:
-    lab_dir = small_lab.lab_dir
-    old_pid = small_lab.hosts["dora"].pid
-    again = lab_up(lab_dir, {"dora": ShardSpec.by_labels([0, 1])}, mnist_dir)
-    assert lab_status(lab_dir)["dora"]["running"] and lab_status(lab_dir)["dora"]["answers"]
-    assert again.hosts["dora"].pid != old_pid and not _alive(old_pid)
-    assert probe(cfg(again, "dora"), "dora")["error"] is None
-    new_pid = again.hosts["dora"].pid
-    summary = lab_down(lab_dir)
-    assert summary["stopped"] == ["dora"]
-    assert not _alive(new_pid) and not lab_dir.exists()
-    if IS_ROOT:
-        assert summary["users_removed"] == [user_name("dora")]
-        with pytest.raises(KeyError):
-            pwd.getpwnam(user_name("dora"))
-    assert lab_down(lab_dir) == {"stopped": [], "users_removed": []}  # nothing left: fine
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def test_inventory_matches_sshconfig_fields(lab: LabInfo) -> None:
-    import yaml
-
-    entries = yaml.safe_load(lab.inventory.read_text())["workers"]
-    assert [e["name"] for e in entries] == list(SEED_SHARDS)
-    roles = {e["name"]: e["role"] for e in entries}
-    assert roles == {
-        "alice": "trainer",
-        "bob": "trainer",
-        "charlie": "trainer",
-        "testing": "evaluator",
-    }
-    assert entries[0]["labels"] == [0, 1, 2, 3] and entries[3]["split"] == "test"
-    for e in entries:
-        c = SSHConfig(**e["ssh"])
-        assert c.host == "127.0.0.1" and c.port == lab.hosts[e["name"]].port
-        assert re.fullmatch(r"fedlab-\w+", c.user or "") or not IS_ROOT

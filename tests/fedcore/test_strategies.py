@@ -29,7 +29,7 @@ from fedcore.strategies import (
     UnweightedMean,
     build_strategy,
 )
-from fedcore.strategies.yogi import Yogi
+from fedcore.strategies.server_optimizer import Yogi
 from fedcore.training import TrainMetrics, TrainPlan, batch_indices, train_local
 
 

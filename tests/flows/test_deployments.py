@@ -229,7 +229,7 @@ def test_seed_run_completes_with_the_expected_task_runs(stack: Stack, seed_run) 
     tasks = stack.task_runs(run_id)
     expected = {f"start-{w}" for w in ("alice", "bob", "charlie", "testing")}
     expected |= {f"train-{w}-r{r:02d}" for w in ("alice", "bob", "charlie") for r in (1, 2)}
-    expected |= {"evaluate-r01", "evaluate-r02"}
+    expected |= {"evaluate-r01", "evaluate-r02", "aggregate-r01", "aggregate-r02"}
     stops = [name for name in tasks if name.startswith("stop-workers")]
     assert set(tasks) - set(stops) == expected and len(stops) == 1
     assert all(t["state"]["type"] == "COMPLETED" for t in tasks.values())

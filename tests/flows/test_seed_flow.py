@@ -1,7 +1,8 @@
 """The flow end to end: real worker processes, Prefect's temporary server, a real MLflow store.
 
 Runs `fedmnist run configs/smoke.yaml` (2 rounds) twice in fresh processes with their own
-FEDMNIST_HOME and PREFECT_HOME, then reads the MLflow record back with MlflowClient.
+FEDMNIST_HOME and PREFECT_HOME, then reads the MLflow record back with MlflowClient and the task
+runs back through the Prefect API.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -132,3 +135,55 @@ def test_same_config_and_seed_give_identical_metrics(two_runs) -> None:
         w1, _ = load_weights(Path(s1["checkpoint_dir"]) / name)
         w2, _ = load_weights(Path(s2["checkpoint_dir"]) / name)
         assert all((w1[k] == w2[k]).all() for k in w1)
+
+
+TASK_RUNS = """
+import json, sys
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+with get_client(sync_client=True) as client:
+    runs = client.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[sys.argv[1]]))
+    )
+    out = {
+        r.name: [r.state_type.value, r.run_count, r.start_time.isoformat(), r.end_time.isoformat()]
+        for r in runs
+    }
+with open(sys.argv[2], "w") as f:
+    json.dump(out, f)
+"""
+
+
+def _task_runs(prefect_home: Path, flow_run_id: str, out: Path) -> dict[str, list]:
+    """Task run name -> [state type, run count, start, end] of a finished flow run, read through
+    the Prefect API (a temporary server over the runs' database in `prefect_home`)."""
+    env = dict(os.environ, PREFECT_HOME=str(prefect_home))
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", TASK_RUNS, flow_run_id, str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_each_round_aggregates_in_its_own_task(two_runs) -> None:
+    base, (summary, out), _ = two_runs
+    run = _client(base / "a").get_run(summary["mlflow_run_id"])
+    tasks = _task_runs(base / "prefect", run.data.tags["prefect.flow_run_id"], base / "tasks.json")
+
+    def time(name: str, i: int) -> datetime:
+        return datetime.fromisoformat(tasks[name][i])
+
+    for r in (1, 2):
+        name = f"aggregate-r{r:02d}"
+        assert tasks[name][:2] == ["COMPLETED", 1]
+        # after the round's training, before its evaluation
+        trained = max(time(f"train-{w}-r{r:02d}", 3) for w in ("alice", "bob", "charlie"))
+        assert trained <= time(name, 2) and time(name, 3) <= time(f"evaluate-r{r:02d}", 2)
+    assert "Task run 'aggregate-r01'" in out

@@ -1,0 +1,306 @@
+"""The rounds of a training, as named steps over one run context.
+
+One round is: train (every trainer in parallel, one `train-<worker>-rNN` task each, the round
+tried again below quorum when the config says so), aggregate (the `aggregate-rNN` task),
+evaluate when due (the `evaluate-rNN` task), record. Recording writes the round's state to the
+run folder first and only then logs it to MLflow and the Prefect artifacts, so a training resumed
+after a crash never records a round twice and never misses one.
+
+A round is a group of tasks in the flow run, never a subflow: a subflow adds about 1.2 s of
+Prefect API calls to every round, more than a short round's local training takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import get_run_logger
+from prefect.futures import PrefectFuture
+
+from fedcore import report
+from fedcore.config import ExperimentConfig
+from fedcore.errors import QuorumNotReached, UpdateRejected, cause_of
+from fedcore.evaluation import EvalResult
+from fedcore.model import initial_weights, num_parameters
+from fedcore.protocol import TrainRequest, Update
+from fedcore.resume import ResumePoint, write_round
+from fedcore.screening import screen_updates
+from fedcore.seeding import derive_seed
+from fedcore.session import WorkerSession
+from fedcore.strategies import Failure, Strategy
+from fedcore.training import TrainPlan
+from tasks.aggregation import aggregate
+from tasks.artifacts import RunArtifacts
+from tasks.tracking import Tracker, eval_metrics, round_metrics
+from tasks.workers import evaluate_models, train_on_worker
+
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every round of one training uses; made by the flow once the workers are up."""
+
+    cfg: ExperimentConfig
+    sessions: Mapping[str, WorkerSession]  # every worker's, by name
+    strategy: Strategy
+    tracker: Tracker
+    run_dir: Path  # where each round's state is written (fedcore.resume)
+    artifacts: RunArtifacts
+    groups: list[list[int]]  # digit groups whose prediction shares are reported
+    config_path: str = ""
+
+    @cached_property
+    def trainers(self) -> list[str]:
+        return [w.name for w in self.cfg.trainers]
+
+    @cached_property
+    def evaluator(self) -> str | None:
+        """The worker that scores the models, or None: no evaluation."""
+        return self.cfg.evaluators[0].name if self.cfg.evaluators else None
+
+    @cached_property
+    def config_json(self) -> dict[str, Any]:
+        return self.cfg.model_dump(mode="json")
+
+    @cached_property
+    def model_meta(self) -> dict[str, object]:
+        """The record every model file carries (its round is added per file)."""
+        return {
+            "model": "fedcore.model.Net",
+            "strategy": self.strategy.name,
+            "config_hash": self.cfg.config_hash(),
+            "seed": self.cfg.seed,
+        }
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One finished round: what was trained, the new global model, its evaluation."""
+
+    round: int
+    plan: TrainPlan
+    updates: list[Update]
+    failures: list[Failure]
+    weights: Weights  # the aggregate: the next round's global model
+    evaluation: dict[str, EvalResult] | None  # by model; None when the round was not evaluated
+    seconds: float
+
+
+def train_rounds(ctx: RunContext, resume: ResumePoint | None = None) -> dict[str, Any]:
+    """Rounds 1..R (or from the round after `resume`'s), each trained, aggregated, evaluated
+    when due and recorded.
+
+    Returns:
+        The summary: name, rounds, final federated accuracy (None if the last round was not
+        evaluated), accuracy per evaluated round and model, the run folder.
+
+    Raises:
+        QuorumNotReached: a round stayed below its quorum (after the configured retries).
+        UpdateRejected: the strategy refused an update while aggregating.
+    """
+    cfg = ctx.cfg
+    logger = get_run_logger()
+    weights = resume.weights if resume is not None else initial_weights(cfg.seed)
+    first = resume.round + 1 if resume is not None else 1
+    logger.info(
+        "Training %s: %d rounds over %s with strategy %s (%d parameters); evaluator: %s",
+        cfg.name,
+        cfg.rounds,
+        ", ".join(ctx.trainers),
+        ctx.strategy.name,
+        num_parameters(weights),
+        ctx.evaluator or "none",
+    )
+    evaluations: dict[int, dict[str, float]] = {}
+    for rnd in range(first, cfg.rounds + 1):
+        result = run_round(ctx, rnd, weights)
+        if result.evaluation is not None:
+            evaluations[rnd] = {m: r.accuracy for m, r in result.evaluation.items()}
+        weights = result.weights
+    final = evaluations.get(cfg.rounds, {}).get("federated")
+    if final is not None:
+        logger.info(
+            "Final federated model: %.2f%% test accuracy after %d rounds", 100 * final, cfg.rounds
+        )
+    return {
+        "name": cfg.name,
+        "rounds": cfg.rounds,
+        "final_accuracy": final,
+        "evaluations": evaluations,
+        "checkpoint_dir": str(ctx.run_dir),
+    }
+
+
+def run_round(ctx: RunContext, rnd: int, weights: Weights) -> RoundResult:
+    """Round `rnd` from the global model `weights`: train, aggregate, evaluate when due, record."""
+    started = time.perf_counter()
+    get_run_logger().info("Training round %d/%d", rnd, ctx.cfg.rounds)
+    plan = dataclasses.replace(ctx.cfg.train.plan(rnd), **ctx.strategy.plan_overrides())
+    updates, failures = train_round(ctx, rnd, plan, weights)
+    aggregated = aggregate(ctx.strategy, rnd, weights, updates, failures)
+    evaluation = evaluate_if_due(ctx, rnd, updates, aggregated)
+    result = RoundResult(
+        rnd, plan, updates, failures, aggregated, evaluation, time.perf_counter() - started
+    )
+    record_round(ctx, result)
+    return result
+
+
+def train_round(
+    ctx: RunContext, rnd: int, plan: TrainPlan, weights: Weights
+) -> tuple[list[Update], list[Failure]]:
+    """Round `rnd`'s valid updates and failures. A round below its quorum is tried again up to
+    `round_retries` times when the config says `below_quorum: retry`.
+
+    Raises:
+        QuorumNotReached: still below the quorum after the last try.
+    """
+    retries = ctx.cfg.round_retries if ctx.cfg.below_quorum == "retry" else 0
+    tries = 0
+    while True:
+        try:
+            return train_once(ctx, rnd, plan, weights)
+        except QuorumNotReached as exc:
+            tries += 1
+            if tries > retries:
+                raise
+            get_run_logger().warning(
+                "%s; trying round %d again (%d of %d)", exc, rnd, tries, ctx.cfg.round_retries
+            )
+
+
+def train_once(
+    ctx: RunContext, rnd: int, plan: TrainPlan, weights: Weights
+) -> tuple[list[Update], list[Failure]]:
+    """One try at round `rnd`: every trainer in parallel, each until its deadline
+    (`timeouts.train`), then the updates screened against the global model.
+
+    Returns:
+        The valid updates and the failures (a worker that dropped, timed out, failed, or whose
+        update was rejected).
+
+    Raises:
+        QuorumNotReached: fewer valid updates than the config's quorum.
+    """
+    cfg = ctx.cfg
+    futures = {
+        name: train_on_worker.submit(
+            ctx.sessions[name],
+            name,
+            rnd,
+            TrainRequest(
+                rnd,
+                plan,
+                derive_seed(cfg.seed, name, rnd),
+                weights,
+                ctx.strategy.extras_for(name, rnd),
+            ),
+            cfg.timeouts.train,
+        )
+        for name in ctx.trainers
+    }
+    updates: list[Update] = []
+    failures: list[Failure] = []
+    for name, future in futures.items():
+        got = collect_update(ctx, rnd, name, future, weights)
+        if isinstance(got, Failure):
+            failures.append(got)
+        else:
+            updates.append(got)
+    screened = screen_updates(updates, weights, cfg.screening.norm_factor)
+    for name, reason in screened.dropped:
+        failures.append(rejection(rnd, name, reason, shown=reason))
+    if len(screened.kept) < cfg.required_updates():
+        raise QuorumNotReached(
+            f"round {rnd}: {len(screened.kept)} of {len(ctx.trainers)} workers returned an "
+            f"update, {cfg.required_updates()} needed; failed: "
+            + "; ".join(f"{f.worker} ({f.cause}: {f.message})" for f in failures)
+        )
+    return screened.kept, failures
+
+
+def collect_update(
+    ctx: RunContext, rnd: int, name: str, future: PrefectFuture[Update], weights: Weights
+) -> Update | Failure:
+    """Wait for worker `name`'s training task: its update if the strategy accepts it, else the
+    failure, with the cause its error carries (`FedError.cause`)."""
+    future.wait()
+    if future.state.is_completed():
+        update = future.result()
+        try:
+            ctx.strategy.check_update(update, weights)
+        except UpdateRejected as exc:
+            return rejection(rnd, name, exc.reason, shown=exc)
+        return update
+    error = future.state.result(raise_on_failure=False)
+    cause = cause_of(error)
+    get_run_logger().warning("Round %d: %s dropped (%s): %s", rnd, name, cause, error)
+    return Failure(name, rnd, cause, str(error))
+
+
+def rejection(rnd: int, name: str, reason: str, shown: object) -> Failure:
+    """Log (showing `shown`) and return the failure of worker `name`'s rejected update."""
+    get_run_logger().warning("Round %d: update from %s rejected: %s", rnd, name, shown)
+    return Failure(name, rnd, UpdateRejected.cause, reason)
+
+
+def evaluate_if_due(
+    ctx: RunContext, rnd: int, updates: list[Update], aggregated: Weights
+) -> dict[str, EvalResult] | None:
+    """Score the federated model (and each update, if configured) when round `rnd` is due;
+    None when it is not or there is no evaluator."""
+    cfg = ctx.cfg
+    if not ctx.evaluator or not cfg.evaluation.due(rnd, cfg.rounds):
+        return None
+    models = {u.worker: u.weights for u in updates} if cfg.evaluation.workers else {}
+    models["federated"] = aggregated
+    results = evaluate_models.submit(
+        ctx.sessions[ctx.evaluator], rnd, models, ctx.groups, cfg.timeouts.evaluate
+    ).result()
+    logger = get_run_logger()
+    logger.info("Evaluating models (round %d)", rnd)
+    for model, res in results.items():
+        for line in report.evaluation_lines(model, res, ctx.groups):
+            logger.info(line)
+    return results
+
+
+def record_round(ctx: RunContext, result: RoundResult) -> None:
+    """Write the round's state to the run folder, then log it to MLflow and the artifacts.
+
+    The order is the resume guarantee: a round is complete once its state is on disk, and only
+    a complete round is recorded.
+    """
+    rnd, evaluation = result.round, result.evaluation
+    metrics = round_metrics(result.updates, result.failures)
+    metrics["lr"] = result.plan.lr
+    metrics["round_seconds"] = result.seconds
+    path = write_round(
+        ctx.run_dir,
+        config=ctx.config_json,
+        config_path=ctx.config_path,
+        round=rnd,
+        weights=result.weights,
+        strategy=ctx.strategy.state_dict(),
+        metrics={**metrics, **(eval_metrics(evaluation, ctx.groups) if evaluation else {})},
+        mlflow_run_id=ctx.tracker.run_id_or_none(),
+        meta=ctx.model_meta,
+    )
+    ctx.tracker.log_artifact(path, "models")
+    if evaluation is not None:
+        ctx.tracker.log_evaluation(rnd, evaluation, ctx.groups, path)
+        ctx.artifacts.evaluation(rnd, evaluation, ctx.groups)
+    ctx.tracker.log_metrics(metrics, step=rnd)
+    ctx.artifacts.round_done(rnd)
+    losses = ", ".join(f"{u.worker} {u.metrics.loss:.3f}" for u in result.updates)
+    get_run_logger().info(
+        "Round %d/%d done in %.1fs (training loss: %s)", rnd, ctx.cfg.rounds, result.seconds, losses
+    )

@@ -1,0 +1,124 @@
+"""The round steps without Prefect or workers: the below-quorum retry policy, and the resume
+guarantee (a round's state is on disk before anything records it)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT
+
+import flows.rounds as rounds
+from fedcore.config import load_config
+from fedcore.errors import QuorumNotReached
+from fedcore.model import initial_weights
+from fedcore.protocol import Update
+from fedcore.strategies import Failure, build_strategy
+from fedcore.training import TrainMetrics
+
+
+@pytest.fixture(autouse=True)
+def plain_logger(monkeypatch) -> None:
+    monkeypatch.setattr(rounds, "get_run_logger", lambda: logging.getLogger("test.rounds"))
+
+
+def _ctx(tmp_path: Path, tracker: Any = None, artifacts: Any = None, **overrides: Any):
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", overrides)
+    return rounds.RunContext(
+        cfg=cfg,
+        sessions={},
+        strategy=build_strategy(cfg.strategy),
+        tracker=tracker,
+        run_dir=tmp_path,
+        artifacts=artifacts,
+        groups=cfg.digit_groups(),
+    )
+
+
+def _below_quorum_then(monkeypatch, shortfalls: int) -> list[int]:
+    calls: list[int] = []
+
+    def train_once(ctx, rnd, plan, weights):
+        calls.append(rnd)
+        if len(calls) <= shortfalls:
+            raise QuorumNotReached(f"round {rnd}: 0 of 3 workers returned an update")
+        return ["update"], []
+
+    monkeypatch.setattr(rounds, "train_once", train_once)
+    return calls
+
+
+@pytest.mark.parametrize(("shortfalls", "tries"), [(0, 1), (1, 2), (2, 3)])
+def test_retry_trains_the_round_again_up_to_round_retries(
+    tmp_path: Path, monkeypatch, caplog, shortfalls: int, tries: int
+) -> None:
+    calls = _below_quorum_then(monkeypatch, shortfalls)
+    ctx = _ctx(tmp_path, below_quorum="retry", round_retries=2)
+    with caplog.at_level(logging.WARNING, "test.rounds"):
+        assert rounds.train_round(ctx, 3, ctx.cfg.train.plan(3), {}) == (["update"], [])
+    assert calls == [3] * tries
+    assert [r.getMessage() for r in caplog.records] == [
+        f"round 3: 0 of 3 workers returned an update; trying round 3 again ({i} of 2)"
+        for i in range(1, tries)
+    ]
+
+
+def test_retry_gives_up_after_round_retries(tmp_path: Path, monkeypatch) -> None:
+    calls = _below_quorum_then(monkeypatch, 99)
+    ctx = _ctx(tmp_path, below_quorum="retry", round_retries=2)
+    with pytest.raises(QuorumNotReached, match="round 1: 0 of 3"):
+        rounds.train_round(ctx, 1, ctx.cfg.train.plan(1), {})
+    assert len(calls) == 3
+
+
+def test_fail_never_trains_the_round_again(tmp_path: Path, monkeypatch) -> None:
+    calls = _below_quorum_then(monkeypatch, 1)
+    ctx = _ctx(tmp_path, below_quorum="fail", round_retries=2)
+    with pytest.raises(QuorumNotReached):
+        rounds.train_round(ctx, 1, ctx.cfg.train.plan(1), {})
+    assert calls == [1]
+
+
+class Recorder:
+    """Tracker and artifacts in one: notes, at every call, the round state.json names."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.calls: list[tuple[str, int | None]] = []
+
+    def _on_disk(self) -> int | None:
+        state = self.run_dir / "state.json"
+        return json.loads(state.read_text())["round"] if state.exists() else None
+
+    def run_id_or_none(self) -> str:
+        return "run-1"
+
+    def __getattr__(self, name: str):
+        def call(*args: Any, **kwargs: Any) -> None:
+            self.calls.append((name, self._on_disk()))
+
+        return call
+
+
+def test_a_round_is_on_disk_before_it_is_recorded(tmp_path: Path) -> None:
+    rec = Recorder(tmp_path)
+    ctx = _ctx(tmp_path, tracker=rec, artifacts=rec)
+    weights = initial_weights(1)
+    update = Update("alice", 2, weights, 64, TrainMetrics(1.5, 64, 2, 0.1))
+    result = rounds.RoundResult(
+        2,
+        ctx.cfg.train.plan(2),
+        [update],
+        [Failure("bob", 2, "timeout", "late")],
+        weights,
+        None,
+        0.5,
+    )
+    rounds.record_round(ctx, result)
+    assert rec.calls == [("log_artifact", 2), ("log_metrics", 2), ("round_done", 2)]
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["mlflow_run_id"] == "run-1"
+    assert state["metrics"]["failed/bob"] == 1 and state["metrics"]["round_seconds"] == 0.5
