@@ -132,6 +132,7 @@ def wire_bytes(uri: str, run_id: str, workers: list[str]) -> dict[str, float]:
 def run_once(name: str, seed: int, rounds: int, data_dir: str, uri: str) -> dict[str, Any]:
     """One training of variant `name` through the flow; its accuracies, bytes and wall time."""
     from fedcore.config import load_config
+    from flows.cli import flow_arguments
     from flows.federated import federated_mnist
 
     variant = VARIANTS[name]
@@ -148,7 +149,7 @@ def run_once(name: str, seed: int, rounds: int, data_dir: str, uri: str) -> dict
     config = str(ROOT / variant.config)
     cfg = load_config(config, overrides)  # a bad override fails here, before Prefect
     started = time.perf_counter()
-    state = federated_mnist(config_path=config, overrides=overrides, return_state=True)
+    state = federated_mnist(**flow_arguments(config, overrides, cfg), return_state=True)
     wall = time.perf_counter() - started
     if not state.is_completed():
         raise RuntimeError(f"{name} seed {seed}: {state.result(raise_on_failure=False)}")

@@ -67,6 +67,7 @@ class TimedTracker:
 
 def one_run(config: str, overrides: dict[str, Any], tracking: bool) -> tuple[TimedTracker, dict]:
     import flows.federated as federated
+    from flows.cli import flow_arguments
     from tasks.tracking import make_tracker
 
     made: list[TimedTracker] = []
@@ -77,7 +78,7 @@ def one_run(config: str, overrides: dict[str, Any], tracking: bool) -> tuple[Tim
 
     federated.make_tracker = timed_make_tracker  # type: ignore[assignment]
     summary = federated.federated_mnist(
-        config_path=config, overrides={**overrides, "tracking.enabled": tracking}
+        **flow_arguments(config, {**overrides, "tracking.enabled": tracking})
     )
     return made[0], summary
 

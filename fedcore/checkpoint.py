@@ -1,4 +1,11 @@
-"""Global model files: safetensors with what is needed to rebuild the model, written atomically."""
+"""Global model files: safetensors with what is needed to rebuild the model, written atomically.
+
+Atomic and durable: the data goes to a temp file in the same folder, is fsynced, renamed over the
+target, and then the folder itself is fsynced. The rename changes the folder, not the file: on
+ext4/xfs a crash after `os.replace` but before the folder reaches the disk can bring back the old
+name (or none), which for `state.json` would resume from a round whose files are gone (see the
+rename/fsync discussion in the Linux `rename(2)` and `fsync(2)` manual pages).
+"""
 
 from __future__ import annotations
 
@@ -37,6 +44,20 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush `folder`'s entries (a rename or an unlink in it) to disk. A no-op where folders
+    cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -2,7 +2,12 @@
 
 Every model is frozen and refuses unknown keys (`extra="forbid"`), so a typo is an error that
 names the field, not a silently ignored setting. `load_config` merges dotted overrides
-(`train.lr=0.05`) before validation so overrides are checked exactly like the file.
+(`train.lr=0.05`) before validation so overrides are checked exactly like the file. YAML is read
+by `fedcore.yamlfile` (a repeated key is an error naming the key and both lines).
+
+Names become file names, MLflow names and command-line arguments, so they are checked by pattern:
+a letter or digit first (never `-`, which would read as an option, nor `.`), then letters,
+digits, `_`, `.`, `-`. Hosts and users are checked in `transport/ssh/config.py`.
 """
 
 from __future__ import annotations
@@ -15,14 +20,29 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 from .shards import ShardSpec
 from .strategies import StrategyConfig
 from .training import TrainPlan
-from .transport.ssh.config import SSHConfig
+from .transport.ssh.config import Command, SSHConfig
+from .yamlfile import load_yaml_file
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(value: str) -> str:
+    """`value` when it is a safe name (see the module docstring), else ValueError with the fix."""
+    if not NAME.match(value):
+        raise ValueError(
+            f"name {value!r} is not allowed: use 1-64 letters, digits, '_', '.', '-', starting "
+            "with a letter or digit (it becomes a file name and a command-line argument)"
+        )
+    return value
+
+
+Name = Annotated[str, AfterValidator(check_name)]
 
 
 class Strict(BaseModel):
@@ -88,7 +108,7 @@ class IIDPart(Strict):
 class WorkerConfig(Strict):
     """One worker of the inventory: its role, shard and how to reach it."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    name: Name
     role: Literal["trainer", "evaluator"] = "trainer"
     transport: Literal["local", "ssh"] = "local"
     ssh: SSHConfig | None = None  # how to reach the device (transport: ssh)
@@ -99,7 +119,7 @@ class WorkerConfig(Strict):
     iid: IIDPart | None = None
     data_dir: str | None = None  # default: the experiment's data_dir
     threads: Annotated[int, Field(ge=0)] = 1  # torch threads; 0 = torch's default
-    python: str | None = None  # local transport: the interpreter (default: the coordinator's)
+    python: Command | None = None  # local transport: the interpreter (default: the coordinator's)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
@@ -137,7 +157,8 @@ class ScreeningConfig(Strict):
     """Which well-formed updates are still refused before aggregation (fedcore.screening)."""
 
     # drop an update whose distance from the global model exceeds this many times the round's
-    # median distance (needs >= 3 updates); 0 turns the check off
+    # median distance (>= 3 updates) or the recent rounds' accepted median (any number of
+    # updates; in the first round: the model's norm); 0 turns screening off
     norm_factor: Annotated[float, Field(ge=0)] = 10.0
 
 
@@ -146,19 +167,19 @@ class TrackingConfig(Strict):
 
     enabled: bool = True  # false: train without an MLflow record (benchmarks, quick checks)
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///$FEDMNIST_HOME/mlflow.db
-    experiment: str = "federated-mnist"
+    experiment: Name = "federated-mnist"
     ui_url: str = (
         "http://127.0.0.1:5000"  # where `mlflow ui` serves a file/SQLite store (for links)
     )
     # Evaluated global models become versions of this registered model (aliases `current` and
     # `champion`); null: log them without registering.
-    registered_model: str | None = "federated-mnist-cnn"
+    registered_model: Name | None = "federated-mnist-cnn"
 
 
 class ExperimentConfig(Strict):
     """A whole training: rounds, local training, strategy, evaluation, workers, record."""
 
-    name: str = "experiment"
+    name: Name = "experiment"
     seed: int = 1
     rounds: PositiveInt = 40
     train: TrainConfig = TrainConfig()
@@ -216,10 +237,31 @@ class ExperimentConfig(Strict):
     def data_dir_for(self, worker: WorkerConfig) -> Path:
         return Path(worker.data_dir or self.data_dir or default_data_dir()).expanduser()
 
+    def recorded(self) -> dict[str, Any]:
+        """The config as params, config.json and logs show it: `tracking.uri` without the
+        credentials it may carry (`redact_uri`); the real URI is only used to connect."""
+        data = self.model_dump(mode="json")
+        if data["tracking"].get("uri"):
+            data["tracking"]["uri"] = redact_uri(data["tracking"]["uri"])
+        return data
+
     def config_hash(self) -> str:
-        """Short, stable hash of the validated configuration."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Short, stable hash of the validated configuration as recorded (a changed password
+        does not make another experiment)."""
+        text = json.dumps(self.recorded(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+URI_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@]*)@")
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` with any `user[:password]@` replaced by `***@`: the form to record, show and log.
+
+    >>> redact_uri("https://ann:s3cret@mlflow.lan/")
+    'https://***@mlflow.lan/'
+    """
+    return URI_USERINFO.sub(r"\g<scheme>***@", uri, count=1)
 
 
 def fedmnist_home() -> Path:
@@ -257,9 +299,8 @@ def _describe(exc: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check its spelling; see configs/seed.yaml for the known ones)"
         got = err.get("input")
-        shown = (
-            "" if err["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
-        )
+        quiet = err["type"] == "extra_forbidden" or isinstance(got, dict) or repr(got) in msg
+        shown = "" if quiet else f" (got {got!r})"
         lines.append(f"  {where}: {msg}{shown}")
     return "\n".join(lines)
 
@@ -283,10 +324,7 @@ def load_config(
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist (try configs/seed.yaml)")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    raw = load_yaml_file(p) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of fields")
     for key, value in (overrides or {}).items():
@@ -317,10 +355,7 @@ def load_inventory(path: Path) -> list[Any]:
         raise ConfigError(
             f"inventory {path} does not exist (for the SSH lab, run `fedmnist lab up` first)"
         )
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = load_yaml_file(path)
     if isinstance(data, dict):
         data = data.get("workers")
     if not isinstance(data, list):

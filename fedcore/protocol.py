@@ -9,12 +9,18 @@ Any request may be answered by `error` (type and message). Tensors travel in the
 safetensors payload, grouped by a name prefix: `global/...` (the round's model) and strategy
 extras in a train request; `weights/...` and extras in an update; `<model>/...` in an evaluate
 request. Runs on the device (Python 3.8).
+
+Decoders take nothing on trust: every field is checked for its type and range
+(`wire.integer`, `wire.number`, `wire.text`), counts are non-negative ints, an evaluation's
+numbers must agree with each other and with what the coordinator asked and the evaluator's hello
+reported. Any violation is a `WireError` naming the message and the field; the session that
+received it drops the connection (fedcore.session).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,6 +31,12 @@ from .training import TrainMetrics, TrainPlan
 
 PROTOCOL_VERSION = 1
 Tensors = Dict[str, torch.Tensor]
+CLASSES = 10  # MNIST's digits: labels, confusion rows and columns, evaluation groups' members
+MAX_ROUND = 2**31 - 1
+# No device holds 2^31 images; a count past it is a lie, refused before anyone weights by it.
+MAX_COUNT = 2**31 - 1
+MAX_GROUPS = 64  # digit groups in an evaluate request
+_LABELS = {str(d): d for d in range(CLASSES)}
 
 
 @dataclass(frozen=True)
@@ -110,21 +122,25 @@ def encode_hello(h: Hello) -> bytes:
 
 def decode_hello(meta: wire.Meta) -> Hello:
     expect(meta, "hello")
-    try:
-        counts = {int(k): int(v) for k, v in meta["label_counts"].items()}
-        return Hello(
-            worker=str(meta["worker"]),
-            shard=str(meta["shard"]),
-            label_counts=counts,
-            python=str(meta["python"]),
-            torch=str(meta["torch"]),
-            device=str(meta["device"]),
-            threads=int(meta["threads"]),
-            pid=int(meta["pid"]),
-            protocol=int(meta["protocol"]),
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise WireError(f"malformed hello: {exc!r}") from None
+    raw_counts = wire.mapping(meta.get("label_counts"), "hello label_counts")
+    counts = {}
+    for key, value in raw_counts.items():
+        if key not in _LABELS:
+            raise WireError(
+                f"hello label_counts has label {wire.quote(key)}, expected 0..{CLASSES - 1}"
+            )
+        counts[_LABELS[key]] = wire.integer(value, f"hello label count of {key}", 0, MAX_COUNT)
+    return Hello(
+        worker=wire.text(meta.get("worker"), "hello worker"),
+        shard=wire.text(meta.get("shard"), "hello shard", 1024),
+        label_counts=counts,
+        python=wire.text(meta.get("python"), "hello python"),
+        torch=wire.text(meta.get("torch"), "hello torch"),
+        device=wire.text(meta.get("device"), "hello device"),
+        threads=wire.integer(meta.get("threads"), "hello threads", 0, 1 << 16),
+        pid=wire.integer(meta.get("pid"), "hello pid", 0, 1 << 32),
+        protocol=wire.integer(meta.get("protocol"), "hello protocol", 0, MAX_ROUND),
+    )
 
 
 def encode_train(req: TrainRequest) -> bytes:
@@ -143,16 +159,14 @@ def encode_train(req: TrainRequest) -> bytes:
 
 def decode_train(meta: wire.Meta, payload: bytes) -> TrainRequest:
     expect(meta, "train")
+    rnd = wire.integer(meta.get("round"), "train request round", 0, MAX_ROUND)
+    seed = wire.integer(meta.get("sample_seed"), "train request sample_seed")
+    plan = TrainPlan.from_dict(wire.mapping(meta.get("plan"), "train request plan"))
     groups = _groups(payload)
     weights = groups.pop("global", None)
     if weights is None:
         raise WireError("train request carries no 'global/' weights")
-    rnd = wire.optional(meta, "round", int)
-    seed = wire.optional(meta, "sample_seed", int)
-    plan = wire.optional(meta, "plan", dict)
-    if rnd is None or seed is None or plan is None:
-        raise WireError("train request needs round, sample_seed and plan")
-    return TrainRequest(rnd, TrainPlan.from_dict(plan), seed, weights, groups)
+    return TrainRequest(rnd, plan, seed, weights, groups)
 
 
 def encode_update(u: Update) -> bytes:
@@ -178,29 +192,32 @@ def encode_update(u: Update) -> bytes:
 
 def decode_update(meta: wire.Meta, payload: bytes, wire_bytes: int = 0) -> Update:
     expect(meta, "update")
+    m = wire.mapping(meta.get("metrics"), "update metrics")
+    metrics = TrainMetrics(
+        loss=wire.number(m.get("loss"), "update metric loss"),
+        samples=wire.integer(m.get("samples"), "update metric samples", 0, MAX_COUNT),
+        steps=wire.integer(m.get("steps"), "update metric steps", 0, MAX_COUNT),
+        seconds=wire.number(m.get("seconds"), "update metric seconds", 0.0),
+    )
+    worker = wire.text(meta.get("worker"), "update worker")
+    rnd = wire.integer(meta.get("round"), "update round", 0, MAX_ROUND)
+    num_examples = wire.integer(meta.get("num_examples"), "update num_examples", 0, MAX_COUNT)
     groups = _groups(payload)
     weights = groups.pop("weights", None)
     if weights is None:
         raise WireError("update carries no 'weights/' tensors")
-    try:
-        m = meta["metrics"]
-        metrics = TrainMetrics(
-            loss=float(m["loss"]),
-            samples=int(m["samples"]),
-            steps=int(m["steps"]),
-            seconds=float(m["seconds"]),
-        )
-        return Update(
-            worker=str(meta["worker"]),
-            round=int(meta["round"]),
-            weights=weights,
-            num_examples=int(meta["num_examples"]),
-            metrics=metrics,
-            extras=groups,
-            wire_bytes=wire_bytes,
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise WireError(f"malformed update: {exc!r}") from None
+    return Update(worker, rnd, weights, num_examples, metrics, groups, wire_bytes)
+
+
+def reply_limit(weights: Mapping[str, torch.Tensor], groups: int) -> int:
+    """The largest update payload worth reading for a train request carrying `weights`.
+
+    An update holds the weights and at most `groups` extra tensor sets (a strategy's, e.g.
+    SCAFFOLD's control delta), none larger than the weights, plus a safetensors header. The
+    session refuses a reply that announces more from its frame prefix, before reading it.
+    """
+    nbytes = sum(t.numel() * t.element_size() for t in weights.values())
+    return nbytes * (1 + groups) + 8 + tensorcodec.MAX_HEADER
 
 
 def encode_evaluate(
@@ -213,24 +230,88 @@ def decode_evaluate(
     meta: wire.Meta, payload: bytes
 ) -> Tuple[int, Dict[str, Tensors], List[List[int]]]:
     expect(meta, "evaluate")
-    groups = wire.optional(meta, "groups", list, [])
-    try:
-        digit_groups = [[int(d) for d in g] for g in groups]
-    except (TypeError, ValueError):
-        raise WireError("evaluate groups must be lists of digits") from None
-    return int(wire.optional(meta, "round", int, 0)), _groups(payload), digit_groups
+    rnd = wire.integer(meta.get("round"), "evaluate request round", 0, MAX_ROUND)
+    groups = [
+        [
+            wire.integer(d, "evaluate request group digit", 0, CLASSES - 1)
+            for d in wire.array(g, "evaluate request group", CLASSES)
+        ]
+        for g in wire.array(meta.get("groups", []), "evaluate request groups", MAX_GROUPS)
+    ]
+    return rnd, _groups(payload), groups
 
 
 def encode_evaluation(results: Mapping[str, EvalResult]) -> bytes:
     return _frame({"type": "evaluation", "results": {k: r.to_dict() for k, r in results.items()}})
 
 
-def decode_evaluation(meta: wire.Meta) -> Dict[str, EvalResult]:
+def decode_evaluation(
+    meta: wire.Meta,
+    models: Optional[Collection[str]] = None,
+    groups: Optional[int] = None,
+    total: Optional[int] = None,
+) -> Dict[str, EvalResult]:
+    """The evaluator's results, each checked for consistency.
+
+    Args:
+        meta: the reply's metadata.
+        models: the model names the request carried (checked when given): one result each.
+        groups: how many digit groups the request carried (checked when given).
+        total: the evaluator's test-set size from its hello (checked when given).
+
+    Raises:
+        WireError: a result is malformed, its numbers disagree (the confusion matrix's sum and
+            diagonal against `total` and `correct`), or it is not what was asked.
+    """
     expect(meta, "evaluation")
-    try:
-        return {k: EvalResult.from_dict(v) for k, v in meta["results"].items()}
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise WireError(f"malformed evaluation: {exc!r}") from None
+    results = wire.mapping(meta.get("results"), "evaluation results")
+    if models is not None and set(results) != set(models):
+        raise WireError(
+            f"evaluation results are for {wire.quote(sorted(results))}, "
+            f"the request carried {sorted(models)}"
+        )
+    return {
+        name: _eval_result(f"evaluation of {wire.clip(repr(name), 60)}", raw, groups, total)
+        for name, raw in results.items()
+    }
+
+
+def _eval_result(what: str, raw: object, groups: Optional[int], total: Optional[int]) -> EvalResult:
+    r = wire.mapping(raw, what)
+    rows = wire.array(r.get("confusion"), f"{what}: confusion", CLASSES)
+    confusion = [
+        [wire.integer(v, f"{what}: confusion count", 0, MAX_COUNT) for v in row]
+        for row in (wire.array(row, f"{what}: confusion row", CLASSES) for row in rows)
+    ]
+    if len(confusion) != CLASSES or any(len(row) != CLASSES for row in confusion):
+        raise WireError(f"{what}: confusion must be {CLASSES} rows of {CLASSES} counts")
+    result = EvalResult(
+        correct=wire.integer(r.get("correct"), f"{what}: correct", 0, MAX_COUNT),
+        total=wire.integer(r.get("total"), f"{what}: total", 0, MAX_COUNT),
+        loss=wire.number(r.get("loss"), f"{what}: loss", 0.0),
+        seed_loss=wire.number(r.get("seed_loss"), f"{what}: seed_loss", 0.0),
+        confusion=confusion,
+        group_shares=[
+            wire.number(v, f"{what}: group share", 0.0, 1.0)
+            for v in wire.array(r.get("group_shares"), f"{what}: group_shares", MAX_GROUPS)
+        ],
+    )
+    counted = sum(map(sum, confusion))
+    diagonal = sum(confusion[d][d] for d in range(CLASSES))
+    if result.total != counted or result.correct != diagonal:
+        raise WireError(
+            f"{what}: correct {result.correct} and total {result.total} disagree with its "
+            f"confusion matrix (diagonal {diagonal}, sum {counted})"
+        )
+    if total is not None and result.total != total:
+        raise WireError(
+            f"{what}: total {result.total}, but the evaluator's hello reported {total} test images"
+        )
+    if groups is not None and len(result.group_shares) != groups:
+        raise WireError(
+            f"{what}: {len(result.group_shares)} group shares for {groups} requested groups"
+        )
+    return result
 
 
 def encode_simple(kind: str) -> bytes:
@@ -244,9 +325,11 @@ def encode_error(error: str, message: str) -> bytes:
 def expect(meta: wire.Meta, kind: str) -> None:
     """Raise WireError unless `meta` is a `kind` message (an `error` reply raises its message)."""
     if meta.get("type") == "error" and kind != "error":
-        raise RemoteError(str(meta.get("error", "Error")), str(meta.get("message", "")))
+        raise RemoteError(
+            wire.clip(str(meta.get("error", "Error")), 60), wire.clip(str(meta.get("message", "")))
+        )
     if meta.get("type") != kind:
-        raise WireError(f"expected a {kind!r} message, got {meta.get('type')!r}")
+        raise WireError(f"expected a {kind!r} message, got {wire.quote(meta.get('type'))}")
 
 
 class RemoteError(Exception):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import tensorcodec
-from .checkpoint import atomic_write, load_weights, save_weights
+from .checkpoint import atomic_write, fsync_dir, load_weights, save_weights
 from .errors import ConfigError, FedError
 from .strategies.base import StrategyState
 
@@ -76,14 +76,31 @@ def write_round(
     atomic_write(run_dir / STATE_FILE, json.dumps(state, indent=1, default=float).encode())
     previous = run_dir / f"strategy-r{round - 1:03d}.safetensors"
     previous.unlink(missing_ok=True)  # only the latest strategy state is needed
+    fsync_dir(run_dir)
     return model
 
 
 def find_run_dir(ref: str, runs_root: Path) -> Path:
-    """A run folder from a path, a folder name under `runs_root`, or an MLflow run id."""
+    """A run folder from a path, a folder name under `runs_root`, or an MLflow run id.
+
+    Only folders inside `runs_root` are found: `resume` is a flow parameter anyone reaching the
+    Prefect API can set, and a resumed training takes its whole config (workers, interpreters,
+    ssh settings) from the folder's state.json, so a folder elsewhere would be a config nobody
+    on the coordinator wrote.
+
+    Raises:
+        ConfigError: no such run under `runs_root`, or `ref` points outside it.
+    """
+    root = runs_root.expanduser().resolve()
     for candidate in (Path(ref).expanduser(), runs_root / ref):
-        if (candidate / STATE_FILE).is_file():
-            return candidate
+        if not (candidate / STATE_FILE).is_file():
+            continue
+        if not candidate.resolve().is_relative_to(root):
+            raise ConfigError(
+                f"run folder {ref!r} is outside {runs_root}: only trainings recorded under "
+                f"{runs_root} can be resumed (move the folder there, or set FEDMNIST_HOME)"
+            )
+        return candidate
     if runs_root.is_dir():
         for state in sorted(runs_root.glob(f"*/{STATE_FILE}")):
             try:

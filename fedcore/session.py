@@ -4,7 +4,15 @@ One session per worker per training (docs/ARCHITECTURE.md, Decisions 2). Calls a
 a lock, so tasks on different threads may share the object but never one pipe at a time. Failures
 become typed errors naming the worker: `WorkerUnreachable` (gone; retried, the session reopens),
 `WorkerTimeout` (no answer in time; not retried within the round, the session reopens next round),
-`WorkerFailed` (answered with an error), `UpdateRejected` (answered with bad tensors).
+`WorkerFailed` (answered with an error, or with a reply that does not decode), `UpdateRejected`
+(answered with a well-formed update whose values are refused).
+
+A reply is bounded where it arrives: the frame prefix announces its size and a reply larger than
+the call can need (nothing for hello and evaluate; the weights and the extra tensor groups asked
+for, `protocol.reply_limit`, for train) is refused before a byte of its body is read. Any decoder
+failure (`WireError`: a bad frame, header or field) drops the connection, so the stream can never
+be out of step; the next call starts the worker program again (within the round's retry for a
+transient error, in the next round otherwise).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -23,6 +32,7 @@ from .protocol import Hello, TrainRequest, Update
 from .transport.base import Pipe, Transport, WorkerLaunch
 
 log = logging.getLogger("fedcore.session")
+T = TypeVar("T")
 
 
 class WorkerSession:
@@ -66,8 +76,8 @@ class WorkerSession:
             if pipe is None:
                 return
             try:
-                pipe.send(protocol.encode_simple("bye"))
-                wire.read_frame(lambda n: pipe.read_exact(n, 5.0))
+                pipe.send(protocol.encode_simple("bye"), 5.0)
+                wire.read_frame(lambda n: pipe.read_exact(n, 5.0), 0)
             except (ConnectionError, EOFError, TimeoutError, WireError, OSError):
                 pass
             pipe.close()
@@ -80,12 +90,14 @@ class WorkerSession:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def _call(self, frame: bytes, timeout: float | None) -> tuple[wire.Meta, bytes, int]:
+    def _call(
+        self, frame: bytes, timeout: float | None, max_payload: int
+    ) -> tuple[wire.Meta, bytes, int]:
         self._start_locked()
         pipe = self._pipe
         assert pipe is not None
         try:
-            pipe.send(frame)
+            pipe.send(frame, timeout)
             received = 0
 
             def read_exact(n: int) -> bytes:
@@ -94,7 +106,7 @@ class WorkerSession:
                 received += len(data)
                 return data
 
-            meta, payload = wire.read_frame(read_exact, self.max_payload)
+            meta, payload = wire.read_frame(read_exact, max_payload)
         except TimeoutError as exc:
             self.kill()
             raise WorkerTimeout(self.name, f"no answer within {timeout}s ({exc})") from None
@@ -105,45 +117,65 @@ class WorkerSession:
             self.kill()
             raise WorkerFailed(self.name, f"sent a bad frame: {exc}") from None
         if meta.get("type") == "error":
-            raise WorkerFailed(self.name, f"{meta.get('error')}: {meta.get('message')}")
+            error = wire.clip(str(meta.get("error")), 60)
+            raise WorkerFailed(self.name, f"{error}: {wire.clip(str(meta.get('message')), 2000)}")
         return meta, payload, len(frame) + received
+
+    def _decode(self, what: str, decode: Callable[[], T]) -> T:
+        """`decode()`, or on a WireError the connection dropped and WorkerFailed raised."""
+        try:
+            return decode()
+        except WireError as exc:
+            self.kill()
+            raise WorkerFailed(self.name, f"sent a bad {what}: {exc}") from None
 
     def hello(self, timeout: float | None = 120.0) -> Hello:
         """Wait for the worker to be ready and learn what it holds."""
         with self._lock:
-            meta, _, _ = self._call(protocol.encode_hello_request(), timeout)
-        try:
-            info = protocol.decode_hello(meta)
-        except WireError as exc:
-            raise WorkerFailed(self.name, str(exc)) from None
+            meta, _, _ = self._call(protocol.encode_hello_request(), timeout, 0)
+            info = self._decode("hello", lambda: protocol.decode_hello(meta))
         if info.worker != self.name:
-            raise WorkerFailed(self.name, f"answered as {info.worker!r}: check the inventory")
+            raise WorkerFailed(
+                self.name, f"answered as {wire.quote(info.worker)}: check the inventory"
+            )
         self.hello_info = info
         return info
 
-    def train(self, request: TrainRequest, timeout: float | None = None) -> Update:
+    def train(
+        self, request: TrainRequest, timeout: float | None = None, reply_groups: int | None = None
+    ) -> Update:
         """One round of local training; the returned update is validated.
+
+        Args:
+            request: the round's request.
+            timeout: seconds for the answer.
+            reply_groups: how many extra tensor groups the reply may carry besides the weights
+                (the strategy's `reply_groups`); by default as many as the request carries.
 
         Raises:
             WorkerUnreachable, WorkerTimeout, WorkerFailed, UpdateRejected.
         """
+        groups = len(request.extras) if reply_groups is None else reply_groups
+        limit = protocol.reply_limit(request.weights, groups)
         with self._lock:
-            meta, payload, nbytes = self._call(protocol.encode_train(request), timeout)
-        try:
-            update = protocol.decode_update(meta, payload, wire_bytes=nbytes)
-        except WireError as exc:
-            raise UpdateRejected(self.name, str(exc)) from None
+            meta, payload, nbytes = self._call(protocol.encode_train(request), timeout, limit)
+            update = self._decode(
+                "update", lambda: protocol.decode_update(meta, payload, wire_bytes=nbytes)
+            )
         if update.worker != self.name or update.round != request.round:
             raise UpdateRejected(
                 self.name,
-                f"answered for worker {update.worker!r} round {update.round}, "
+                f"answered for worker {wire.quote(update.worker)} round {update.round}, "
                 f"expected {self.name!r} round {request.round}",
             )
         wire.validate_tensors(self.name, update.weights, self._spec)
         for group, tensors in update.extras.items():
             for k, t in tensors.items():
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise UpdateRejected(self.name, f"{group} {k!r} has non-finite values")
+                    raise UpdateRejected(
+                        self.name,
+                        f"{wire.clip(group, 60)} {wire.clip(repr(k), 60)} has non-finite values",
+                    )
         return update
 
     def evaluate(
@@ -153,10 +185,15 @@ class WorkerSession:
         groups: Sequence[Sequence[int]],
         timeout: float | None = None,
     ) -> dict[str, EvalResult]:
-        """Score each named model on the worker's data."""
+        """Score each named model on the worker's data.
+
+        The results are checked against the request (one per model, one share per group) and
+        against the evaluator's hello (its test-set size), see `protocol.decode_evaluation`.
+        """
+        total = self.hello_info.num_examples if self.hello_info is not None else None
         with self._lock:
-            meta, _, _ = self._call(protocol.encode_evaluate(round, models, groups), timeout)
-        try:
-            return protocol.decode_evaluation(meta)
-        except WireError as exc:
-            raise WorkerFailed(self.name, str(exc)) from None
+            meta, _, _ = self._call(protocol.encode_evaluate(round, models, groups), timeout, 0)
+            return self._decode(
+                "evaluation",
+                lambda: protocol.decode_evaluation(meta, list(models), len(groups), total),
+            )

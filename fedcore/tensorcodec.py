@@ -18,11 +18,12 @@ import json
 import struct
 import sys
 import warnings
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from .errors import WireError
+from .wire import parse_json, quote
 
 if sys.byteorder != "little":  # pragma: no cover - every Jetson and x86 host is little-endian
     raise ImportError("fedcore.tensorcodec supports little-endian hosts only")
@@ -40,7 +41,13 @@ DTYPES: Dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 16 * 1024 * 1024
+# A model's header is about 1 KiB (8 tensors); 64 KiB leaves room for a strategy's extra groups
+# and metadata, and bounds what a crafted header can cost (issue 12: 16 MiB took minutes).
+MAX_HEADER = 64 << 10
+MAX_NDIM = 8
+# Largest dimension, and largest product of an empty tensor's non-zero dimensions (torch builds
+# strides from them, which must fit int64).
+MAX_ELEMENTS = 1 << 40
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -81,19 +88,26 @@ def dumps(
 def loads(data: bytes) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """Parse safetensors bytes into (tensors, metadata).
 
+    Every bound holds before any work proportional to what the header claims: the header length
+    (MAX_HEADER) from the 8-byte prefix, the JSON's depth and number sizes while it is parsed
+    (`wire.parse_json`), then per tensor its rank (MAX_NDIM), each dimension (MAX_ELEMENTS) and
+    their product, with an early exit once it passes the bytes present.
+
     Raises:
-        WireError: truncated data, a malformed header, an unknown dtype, or offsets that do not
-            tile the data exactly.
+        WireError: truncated data, a malformed or oversized header, an unknown dtype, a shape
+            past the caps, or offsets that do not tile the data exactly. The message names the
+            tensor and shows at most `wire.CLIP` characters of what was received.
     """
     if len(data) < 8:
         raise WireError(f"tensor data truncated: {len(data)} bytes, need at least 8")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER or 8 + n > len(data):
+    (n,) = struct.unpack("<Q", bytes(data[:8]))
+    if n > MAX_HEADER:
+        raise WireError(
+            f"tensor header announces {n} bytes, limit {MAX_HEADER} (a model's header is ~1 KiB)"
+        )
+    if 8 + n > len(data):
         raise WireError(f"tensor header announces {n} bytes but only {len(data) - 8} follow")
-    try:
-        header = json.loads(bytes(data[8 : 8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise WireError(f"tensor header is not valid JSON: {exc}") from None
+    header = parse_json(bytes(data[8 : 8 + n]), "tensor header")
     if not isinstance(header, dict):
         raise WireError("tensor header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -105,25 +119,9 @@ def loads(data: bytes) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     spans = []
     out: Dict[str, torch.Tensor] = {}
     for name, info in header.items():
-        try:
-            dtype = DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise WireError(f"tensor {name!r}: malformed header entry {info!r}") from None
-        numel = 1
-        for s in shape:
-            if s < 0:
-                raise WireError(f"tensor {name!r}: negative dimension in shape {shape}")
-            numel *= s
-        size = numel * torch.empty((), dtype=dtype).element_size()
-        if not 0 <= begin <= end <= len(body) or end - begin != size:
-            raise WireError(
-                f"tensor {name!r}: offsets {begin}..{end} do not hold {shape} {info['dtype']} "
-                f"in {len(body)} bytes"
-            )
+        dtype, shape, begin, end = _entry(name, info, len(body))
         spans.append((begin, end))
-        if size:
+        if end > begin:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # read-only buffer: we clone right away
                 flat = torch.frombuffer(body[begin:end], dtype=dtype).clone()
@@ -139,3 +137,59 @@ def loads(data: bytes) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     if pos != len(body):
         raise WireError(f"tensor data has {len(body) - pos} trailing bytes")
     return out, metadata
+
+
+def _entry(name: str, info: object, available: int) -> Tuple[torch.dtype, List[int], int, int]:
+    """(dtype, shape, begin, end) of one header entry, checked against `available` body bytes.
+
+    Types and ranges are checked before any arithmetic; the element count stops growing as soon
+    as it passes what the body could hold, so no shape costs more than MAX_NDIM small products.
+    """
+    what = f"tensor {quote(name)}"
+    if not isinstance(info, dict):
+        raise WireError(f"{what}: header entry must be an object, got {quote(info)}")
+    dtype = DTYPES.get(info["dtype"]) if isinstance(info.get("dtype"), str) else None
+    shape = info.get("shape")
+    offsets = info.get("data_offsets")
+    if dtype is None:
+        raise WireError(f"{what}: dtype {quote(info.get('dtype'))} is not one of {sorted(DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        raise WireError(
+            f"{what}: shape must be a list of at most {MAX_NDIM} dimensions, got {quote(shape)}"
+        )
+    if not all(type(d) is int and 0 <= d <= MAX_ELEMENTS for d in shape):
+        raise WireError(
+            f"{what}: dimensions must be integers in 0..{MAX_ELEMENTS}, got {quote(shape)}"
+        )
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and 0 <= o <= available for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise WireError(
+            f"{what}: data_offsets must be [begin, end] with 0 <= begin <= end <= {available}, "
+            f"got {quote(offsets)}"
+        )
+    begin, end = offsets
+    size = _element_size(dtype)
+    # With a zero dimension the tensor is empty whatever the others say, but torch still builds
+    # its strides from them: their product is capped so that it cannot overflow int64.
+    empty = 0 in shape
+    limit = MAX_ELEMENTS if empty else (end - begin) // size
+    product = 1  # of the non-zero dimensions
+    for d in shape:
+        if d:
+            product *= d
+            if product > limit:
+                break
+    if product > limit or (0 if empty else product) * size != end - begin:
+        raise WireError(
+            f"{what}: offsets {begin}..{end} ({end - begin} bytes) do not hold a "
+            f"{info['dtype']} tensor of shape {quote(shape)}"
+        )
+    return dtype, shape, begin, end
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

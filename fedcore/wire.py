@@ -5,13 +5,25 @@ then the payload (a safetensors file, possibly empty). Receivers bound both leng
 so a garbled or hostile peer costs at most one bounded read and a `WireError`, never an unpickle
 or an allocation it chose. Updates are validated (names, shapes, dtypes, finite values) before
 anything aggregates them. Runs on the device (Python 3.8).
+
+Every JSON text from a peer (frame metadata, a safetensors header) goes through `parse_json`,
+which bounds it before and while parsing: nesting depth and the digits of a number by a scan of
+the raw bytes (Python's parser recurses, so 100,000 brackets would raise RecursionError; and
+turning digits into an int costs time quadratic in their number), floats finite, no NaN or
+Infinity, no duplicate keys. The field checkers below (`integer`, `number`, `text`, `mapping`,
+`array`) then take only real ints (a bool is not one) and finite floats, in range. Messages quote
+at most `CLIP` characters of what was received (`quote`): a hostile value never becomes a
+MiB-long log line.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
+import reprlib
 import struct
-from typing import Any, BinaryIO, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Tuple
 
 import torch
 
@@ -21,8 +33,146 @@ MAGIC = b"FMW1"
 PREFIX = struct.Struct("<4sIQ")
 MAX_JSON = 1 << 20
 MAX_PAYLOAD = 256 << 20
+MAX_DEPTH = 16  # our deepest message (an evaluation's confusion matrix) nests 5 levels
+MAX_DIGITS = 20  # digits in a row in a number: every int64 and uint64 fits
+MAX_INT = 2**63 - 1
+CLIP = 200  # characters of a received value quoted in an error message
 
 Meta = Dict[str, Any]
+
+
+def clip(text: str, limit: int = CLIP) -> str:
+    """`text`, cut to `limit` characters with the number of the rest."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 10, 8
+_REPR.maxstring = _REPR.maxlong = _REPR.maxother = CLIP
+
+
+def quote(value: Any) -> str:
+    """A received value for an error message: its repr, at most `CLIP` characters, built
+    without walking the rest of a long list or string."""
+    return clip(_REPR.repr(value))
+
+
+class _Refused(ValueError):
+    """Raised inside the JSON parser's hooks; parse_json turns it into a WireError."""
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"number {clip(text, 24)} is not finite")
+    return value
+
+
+def _constant(name: str) -> float:
+    raise _Refused(f"{name} is not a number this protocol accepts (finite numbers only)")
+
+
+def _object(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Refused(f"key {clip(repr(key), 40)} appears twice in one object")
+        out[key] = value
+    return out
+
+
+_STRING = re.compile(rb'"[^"]*"')
+_LONG_NUMBER = re.compile(rb"[0-9]{%d}" % (MAX_DIGITS + 1))
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACES_AS_BRACKETS = bytes.maketrans(b"{}", b"[]")
+
+
+def prescan(raw: bytes, what: str, depth: int = MAX_DEPTH) -> None:
+    """Refuse JSON text with a number of more than MAX_DIGITS digits, or whose brackets nest
+    deeper than `depth` or do not pair up, before a parser sees it.
+
+    Linear in len(raw), in C: escaped backslashes and quotes are cut out (left to right, as a
+    parser pairs them), then strings (the regex cannot backtrack). In what is left, a run of
+    digits is a number; of the brackets (braces counted as brackets: depth does not depend on
+    the kind), each of at most `depth` passes removes the innermost pairs. A valid text within
+    the limit ends empty; anything left is too deep or unbalanced (which the parser would refuse
+    anyway), so Python's recursive parser never sees it.
+    """
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside = _STRING.sub(b"", unescaped)
+    long_number = _LONG_NUMBER.search(outside)
+    if long_number:
+        start = long_number.group().decode()
+        raise WireError(
+            f"{what} is not valid JSON: number {start}... has more than {MAX_DIGITS} digits"
+        )
+    brackets = outside.translate(_BRACES_AS_BRACKETS, _NOT_BRACKET)
+    if b"[" * (depth + 1) not in brackets:  # the usual attack, found by one search
+        for _ in range(depth):
+            brackets = brackets.replace(b"[]", b"")
+            if not brackets:
+                return
+    raise WireError(
+        f"{what} is not valid JSON: its brackets nest deeper than {depth} levels or do not pair up"
+    )
+
+
+def parse_json(raw: bytes, what: str) -> Any:
+    """Parse JSON text received from a peer, bounded as the module docstring says.
+
+    Raises:
+        WireError: not UTF-8, not JSON, too deep, a number out of bounds, NaN/Infinity, or a
+            duplicate key; the message starts with `what`.
+    """
+    prescan(raw, what)
+    try:
+        return json.loads(
+            raw.decode("utf-8"),
+            parse_float=_float,
+            parse_constant=_constant,
+            object_pairs_hook=_object,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise WireError(f"{what} is not valid JSON: {clip(str(exc))}") from None
+
+
+def integer(value: Any, what: str, lo: int = 0, hi: int = MAX_INT) -> int:
+    """`value` if it is an int (not a bool) in lo..hi, else WireError naming `what`."""
+    if type(value) is not int or not lo <= value <= hi:
+        raise WireError(f"{what} must be an integer in {lo}..{hi}, got {quote(value)}")
+    return value
+
+
+def number(value: Any, what: str, lo: float = -math.inf, hi: float = math.inf) -> float:
+    """`value` as a float if it is a finite int or float (not a bool) in lo..hi, else WireError."""
+    if type(value) not in (int, float) or not (math.isfinite(value) and lo <= value <= hi):
+        raise WireError(f"{what} must be a finite number in {lo}..{hi}, got {quote(value)}")
+    return float(value)
+
+
+def text(value: Any, what: str, limit: int = 256) -> str:
+    """`value` if it is a string of at most `limit` characters, else WireError naming `what`."""
+    if not isinstance(value, str) or len(value) > limit:
+        raise WireError(
+            f"{what} must be a string of at most {limit} characters, got {quote(value)}"
+        )
+    return value
+
+
+def mapping(value: Any, what: str) -> Dict[str, Any]:
+    """`value` if it is a JSON object, else WireError naming `what`."""
+    if not isinstance(value, dict):
+        raise WireError(f"{what} must be a JSON object, got {quote(value)}")
+    return value
+
+
+def array(value: Any, what: str, limit: int) -> List[Any]:
+    """`value` if it is a JSON array of at most `limit` items, else WireError naming `what`."""
+    if not isinstance(value, list) or len(value) > limit:
+        raise WireError(f"{what} must be a list of at most {limit} items, got {quote(value)}")
+    return value
 
 
 def encode_frame(meta: Mapping[str, Any], payload: bytes = b"") -> bytes:
@@ -47,12 +197,9 @@ def decode_prefix(prefix: bytes, max_payload: int = MAX_PAYLOAD) -> Tuple[int, i
     return n_json, n_payload
 
 
-def decode_meta(text: bytes) -> Meta:
-    """The JSON object of a frame."""
-    try:
-        meta = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise WireError(f"frame metadata is not valid JSON: {exc}") from None
+def decode_meta(raw: bytes) -> Meta:
+    """The JSON object of a frame (bounded by `parse_json`)."""
+    meta = parse_json(raw, "frame metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("type"), str):
         raise WireError("frame metadata must be a JSON object with a string 'type'")
     return meta
@@ -121,7 +268,8 @@ def validate_tensors(
     if missing or extra:
         raise UpdateRejected(
             worker,
-            f"{what} names differ: missing {missing or 'none'}, unexpected {extra or 'none'}",
+            f"{what} names differ: missing {missing or 'none'}, "
+            f"unexpected {quote(extra) if extra else 'none'}",
         )
     for name, (shape, dtype) in spec.items():
         t = tensors[name]
@@ -154,11 +302,3 @@ def join_prefixed(
 ) -> Dict[str, torch.Tensor]:
     """Inverse of `split_prefixed`."""
     return {f"{g}{sep}{k}": t for g, ts in groups.items() for k, t in ts.items()}
-
-
-def optional(meta: Meta, key: str, kind: type, default: Optional[Any] = None) -> Any:
-    """`meta[key]` checked to be a `kind` (or `default` when absent)."""
-    value = meta.get(key, default)
-    if value is not None and not isinstance(value, kind):
-        raise WireError(f"field {key!r} must be {kind.__name__}, got {type(value).__name__}")
-    return value

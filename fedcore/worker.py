@@ -128,6 +128,11 @@ def serve(worker: Worker, stdin: BinaryIO, stdout: BinaryIO, max_payload: int) -
             log.error("rejected a bad frame: %s", exc)
             _send(stdout, protocol.encode_error("WireError", str(exc)))
             return 2
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not crash the device either
+            log.exception("rejected a frame that failed to decode")
+            message = wire.clip(f"frame failed to decode: {type(exc).__name__}: {exc}")
+            _send(stdout, protocol.encode_error("WireError", message))
+            return 2
         kind = meta["type"]
         try:
             if kind == "hello":

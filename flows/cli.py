@@ -24,13 +24,73 @@ import yaml
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
+    from fedcore.errors import ConfigError
+    from fedcore.yamlfile import load_yaml
+
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"--set takes KEY=VALUE (e.g. train.lr=0.05), got {item!r}")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = load_yaml(value, f"--set {key}")
+        except ConfigError as exc:
+            raise SystemExit(f"error: {exc}") from None
     return out
+
+
+def flow_arguments(config: str, overrides: dict[str, Any], cfg: Any = None) -> dict[str, Any]:
+    """The flow's parameters for a training the operator starts on this machine with `config`
+    and any dotted `overrides`: training fields go as `overrides`, `data_dir` as its parameter,
+    and anything else (or a config file outside the config folders) through `derived_config`.
+    For `fedmnist run` and for scripts that call the flow in-process (benchmarks).
+
+    Raises:
+        ConfigError: the config or an override is invalid.
+    """
+    from fedcore.config import load_config
+    from flows.parameters import is_training_field, is_trusted_config, resolve_config_path
+
+    rest = dict(overrides)
+    data_dir = rest.pop("data_dir", None)  # a flow parameter of its own
+    training = {k: v for k, v in rest.items() if is_training_field(k)}
+    local = sorted(set(rest) - set(training))
+    config_path = config
+    if local or not is_trusted_config(resolve_config_path(config)):
+        cfg = cfg if cfg is not None else load_config(config, overrides)
+        config_path = str(derived_config(cfg, config, local))
+    return {
+        "config_path": config_path,
+        "overrides": training or None,
+        "data_dir": str(data_dir) if data_dir is not None else None,
+    }
+
+
+def derived_config(cfg: Any, source: str, keys: list[str]) -> Path:
+    """Write the validated `cfg` as a config file on this machine and return its path.
+
+    A flow run's `overrides` may change training fields only (flows/parameters.py); what the
+    operator sets here beyond them (a store, names, workers, paths) becomes a file under
+    $FEDMNIST_HOME/configs, readable by this user only (it may name a store's credentials),
+    named by its content so the same settings give the same file.
+    """
+    import hashlib
+
+    from fedcore.checkpoint import atomic_write
+    from fedcore.config import fedmnist_home
+
+    # exclude_unset: a field the file left out stays out (an ssh `port` given explicitly wins
+    # over ssh_config's Port, so writing the default would change the meaning).
+    text = yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True), sort_keys=False)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    folder = fedmnist_home() / "configs"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = folder / f"{Path(source).stem}-{digest}.yaml"
+    change = f"with --set {', '.join(keys)}" if keys else "as read"
+    header = f"# {source} {change} (written by fedmnist run)\n"
+    atomic_write(path, (header + text).encode())
+    path.chmod(0o600)
+    return path
 
 
 def _setup_env() -> None:
@@ -101,7 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_env()
     from flows.federated import federated_mnist
 
-    state = federated_mnist(args.config, overrides, return_state=True)
+    state = federated_mnist(**flow_arguments(args.config, overrides, cfg), return_state=True)
     return _finish(state, args)
 
 

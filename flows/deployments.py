@@ -22,10 +22,10 @@ import zoneinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedcore.errors import ConfigError
+from fedcore.yamlfile import load_yaml_file
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -91,10 +91,7 @@ def load_deployments(path: str | Path = DEFAULT_FILE) -> DeploymentsFile:
     p = resolve_config_path(str(path))
     if not p.is_file():
         raise ConfigError(f"deployments file {p} does not exist (try {DEFAULT_FILE})")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    raw = load_yaml_file(p) or {}
     try:
         spec = DeploymentsFile.model_validate(raw)
     except ValidationError as exc:
@@ -109,8 +106,9 @@ def load_deployments(path: str | Path = DEFAULT_FILE) -> DeploymentsFile:
 
 
 def check_parameters(deployment: str, parameters: dict[str, Any]) -> None:
-    """Refuse default parameters the flow does not take, or whose values fail its parameter
-    schema (the check the server makes for every run)."""
+    """Refuse default parameters the flow does not take, whose values fail its parameter schema
+    (the check the server makes for every run), or `overrides` outside the training fields (the
+    check the flow makes: flows/parameters.py)."""
     from prefect.utilities.schema_tools.validation import ValidationError as SchemaError
     from prefect.utilities.schema_tools.validation import validate
 
@@ -126,6 +124,12 @@ def check_parameters(deployment: str, parameters: dict[str, Any]) -> None:
     try:
         validate(parameters, federated_mnist.parameters.model_dump_for_openapi(), True)
     except SchemaError as exc:
+        raise ConfigError(f"deployment {deployment}: {exc}") from None
+    from flows.parameters import check_overrides
+
+    try:
+        check_overrides(parameters.get("overrides"))
+    except ConfigError as exc:
         raise ConfigError(f"deployment {deployment}: {exc}") from None
 
 

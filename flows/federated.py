@@ -35,6 +35,7 @@ from flows.parameters import (
     Rounds,
     Seed,
     StrategyName,
+    check_config_path,
     config_overrides,
     resolve_config_path,
 )
@@ -97,9 +98,11 @@ def federated_mnist(
     the field; the whole experiment config is validated again here (flows/parameters.py).
 
     Args:
-        config_path: experiment YAML (see configs/); a relative path is looked up in the working
-            directory, then in the project checkout.
-        overrides: dotted config overrides, e.g. {"train.steps": 2, "timeouts.train": 60}.
+        config_path: experiment YAML in the checkout's configs/ or $FEDMNIST_HOME/configs; a
+            relative path is looked up in the working directory, then in the project checkout.
+        overrides: dotted overrides of training fields only (rounds, seed, train, strategy,
+            evaluation, quorum, below_quorum, round_retries, timeouts), e.g.
+            {"train.steps": 2, "timeouts.train": 60}; anything else comes from the config file.
         rounds: rounds to train, > 0 (default: the config's).
         strategy: aggregation strategy by name (default: the config's). A different name replaces
             the config's strategy section with that strategy's defaults; set its options through
@@ -109,7 +112,7 @@ def federated_mnist(
         data_dir: MNIST directory of the local workers (default: the config's data_dir, else
             $FEDMNIST_HOME/data/mnist).
         resume: an interrupted training to continue from its last completed round: its run
-            folder, that folder's name under $FEDMNIST_HOME/runs, or its MLflow run id. The
+            folder under $FEDMNIST_HOME/runs, that folder's name, or its MLflow run id. The
             training keeps its own config (`rounds` may extend it) and its MLflow run.
 
     Returns:
@@ -125,7 +128,7 @@ def federated_mnist(
         if rounds is not None:
             raw["rounds"] = rounds
         return run_training(parse_config(raw, f"resumed {point.run_dir}"), point.config_path, point)
-    path = resolve_config_path(config_path)
+    path = check_config_path(resolve_config_path(config_path))
     cfg = load_config(
         path,
         config_overrides(
@@ -200,11 +203,14 @@ def open_record(
     run_key: str,
     resume: ResumePoint | None,
 ) -> None:
-    """Start the training's MLflow run (params, tags, config), or reopen the resumed one."""
+    """Start the training's MLflow run (params, tags, config), or reopen the resumed one.
+
+    The recorded config shows `tracking.uri` without credentials (`redact_uri`)."""
     if resume is not None and resume.mlflow_run_id:
         tracker.resume_run(resume.mlflow_run_id, resume.round, resume.metrics)
         return
-    params = flatten("", cfg.model_dump(mode="json"), {})
+    config = cfg.recorded()
+    params = flatten("", config, {})
     params.update({f"strategy.{k}": str(v) for k, v in strategy.params().items()})
     params["config_hash"] = cfg.config_hash()
     tracker.start_run(
@@ -218,7 +224,7 @@ def open_record(
             "strategy": strategy.name,
         },
         params=params,
-        config=cfg.model_dump(mode="json"),
+        config=config,
     )
 
 

@@ -7,8 +7,11 @@
 
 Each takes `--tracking-uri` (default: $MLFLOW_TRACKING_URI, else the project's SQLite store
 $FEDMNIST_HOME/mlflow.db: where `fedmnist run` records when the config names no store).
-`evaluate` runs in this process: it loads the version through MLflow (the pyfunc of
-tasks/mlflow_model.py, weights from safetensors) and scores it with fedcore.evaluation.
+`evaluate` runs in this process. `export` and `evaluate` download only the version's
+`artifacts/weights.safetensors` (size-bounded, hash-checked against the version's
+`weights_sha256` tag) and build the Net with the local code (tasks/mlflow_model.py): nothing is
+loaded through pyfunc and no code or pickle from the store runs here. A version that cannot be
+used is refused with the reason (exit status 1).
 """
 
 from __future__ import annotations
@@ -73,6 +76,12 @@ def _uri(args: argparse.Namespace) -> str:
     return resolve_tracking_uri(args.tracking_uri)
 
 
+def _shown(uri: str) -> str:
+    from tasks.tracking import redact_uri
+
+    return redact_uri(uri)
+
+
 def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
@@ -108,24 +117,33 @@ def resolve_version(client: Any, name: str, ref: str) -> Any:
     return client.get_model_version(name, str(version))
 
 
-def _download(client: Any, uri: str, version: Any, dest: Path) -> Path:
-    """The version's MLflow model directory, downloaded under `dest`.
-
-    Resolved through `client` (its store), not `models:/` URIs: MLflow 3.17 resolves those
-    through the process-wide registry URI whatever `tracking_uri` is passed, and on a default
-    setup creates ./mlflow.db in the current directory.
-    """
-    from mlflow.artifacts import download_artifacts
-
-    location = client.get_model_version_download_uri(version.name, version.version)
-    return Path(download_artifacts(artifact_uri=location, dst_path=str(dest), tracking_uri=uri))
-
-
 def _aliases(client: Any, name: str) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for alias, version in client.get_registered_model(name).aliases.items():
         out.setdefault(str(version), []).append(alias)
     return out
+
+
+def _percent(text: str | None) -> str:
+    try:
+        return f"{100 * float(text or ''):.2f}%"
+    except ValueError:
+        return "-"
+
+
+def _groups(text: str | None) -> list[list[int]]:
+    """The digit groups a version's tag names; [] when the tag is absent or not a short list of
+    digit lists (tags are store data: read, never trusted)."""
+    try:
+        value = json.loads(text or "[]")
+    except ValueError:
+        return []
+    if not isinstance(value, list) or len(value) > 10:
+        return []
+    ok = all(
+        isinstance(g, list) and all(isinstance(d, int) and 0 <= d <= 9 for d in g) for g in value
+    )
+    return value if ok else []
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -137,36 +155,39 @@ def cmd_list(args: argparse.Namespace) -> int:
     try:
         aliases = _aliases(client, args.name)
     except Exception as exc:  # noqa: BLE001 - shown as the store's answer
-        return _error(f"{uri}: cannot read registered model {args.name!r}: {exc}")
+        from tasks.tracking import redact_text
+
+        return _error(
+            redact_text(f"{_shown(uri)}: cannot read registered model {args.name!r}: {exc}", uri)
+        )
     versions = sorted(
         client.search_model_versions(f"name='{args.name}'"), key=lambda v: int(v.version)
     )
-    print(f"{args.name} in {uri}: {len(versions)} version(s)")
+    print(f"{args.name} in {_shown(uri)}: {len(versions)} version(s)")
     print(f"{'version':>7}  {'round':>5}  {'accuracy':>8}  {'aliases':<18} run")
     for v in versions:
         tags = v.tags or {}
-        acc = tags.get("accuracy")
-        shown = f"{100 * float(acc):.2f}%" if acc else "-"
+        shown = _percent(tags.get("accuracy"))
         names = ",".join(sorted(aliases.get(str(v.version), []))) or "-"
         print(f"{v.version:>7}  {tags.get('round', '-'):>5}  {shown:>8}  {names:<18} {v.run_id}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fedcore.checkpoint import load_weights
-    from tasks.mlflow_model import WEIGHTS_FILE
+    from tasks.mlflow_model import StoredModelError, load_stored_weights
 
     uri = _uri(args)
     client = _client(uri)
     try:
         version = resolve_version(client, args.name, args.ref)
     except LookupError as exc:
-        return _error(f"{uri}: {exc}")
+        return _error(f"{_shown(uri)}: {exc}")
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="fedmnist-export-") as tmp:
-        model_dir = _download(client, uri, version, Path(tmp))
-        weights = model_dir / "artifacts" / WEIGHTS_FILE
-        _, meta = load_weights(weights)  # validate before writing anything
+        try:  # validated before anything is written
+            _, meta, weights = load_stored_weights(client, uri, version, Path(tmp))
+        except StoredModelError as exc:
+            return _error(f"{_shown(uri)}: {exc}")
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(weights, out)
     print(
@@ -183,24 +204,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedcore.mnist import load_shard
     from fedcore.report import evaluation_lines
     from fedcore.shards import ShardSpec
-    from tasks import mlflow_model
+    from tasks.mlflow_model import StoredModelError, load_stored_weights
 
     uri = _uri(args)
     client = _client(uri)
     try:
         version = resolve_version(client, args.name, args.ref)
     except LookupError as exc:
-        return _error(f"{uri}: {exc}")
+        return _error(f"{_shown(uri)}: {exc}")
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     try:
         images, labels = load_shard(str(data_dir), ShardSpec(split="test"))
     except FedError as exc:
         return _error(str(exc))
     tags = version.tags or {}
-    groups = json.loads(tags.get("groups", "[]"))
+    groups = _groups(tags.get("groups"))
     with tempfile.TemporaryDirectory(prefix="fedmnist-eval-") as tmp:
-        model = mlflow_model.load(_download(client, uri, version, Path(tmp)))
-    result = evaluate(model.net, images, labels, groups)
+        try:
+            net, _, _ = load_stored_weights(client, uri, version, Path(tmp))
+        except StoredModelError as exc:
+            return _error(f"{_shown(uri)}: {exc}")
+    result = evaluate(net, images, labels, groups)
     names = ",".join(sorted(_aliases(client, args.name).get(str(version.version), [])))
     print(
         f"{args.name} version {version.version}"
@@ -212,7 +236,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     logged = tags.get("correct")
     if logged is None:
         return 0
-    if int(logged) == result.correct:
+    if logged == str(result.correct):
         print(f"Matches the logged accuracy ({logged}/{tags.get('total', '?')}).")
         return 0
     print(f"Differs from the logged accuracy {logged}/{tags.get('total', '?')}.", file=sys.stderr)
@@ -236,13 +260,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     uri = _uri(args)
     if is_server(uri):
-        print(f"The store is an MLflow server: open {uri}")
+        print(f"The store is an MLflow server: open {_shown(uri)}")
         return 0
     cmd = ui_command(uri, args.host, args.port)
     if args.print_command:
         print(" ".join(cmd))
         return 0
-    print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    print(
+        f"MLflow UI for {_shown(uri)} on http://{args.host}:{args.port} (Ctrl-C stops it)",
+        flush=True,
+    )
     try:
         return subprocess.call(cmd, env=dict(os.environ))
     except KeyboardInterrupt:

@@ -31,10 +31,10 @@ from fedcore.evaluation import EvalResult
 from fedcore.model import initial_weights, num_parameters
 from fedcore.protocol import TrainRequest, Update
 from fedcore.resume import ResumePoint, write_round
-from fedcore.screening import screen_updates
+from fedcore.screening import ScreeningHistory
 from fedcore.seeding import derive_seed
 from fedcore.session import WorkerSession
-from fedcore.strategies import Failure, Strategy
+from fedcore.strategies import ExpectedCounts, Failure, Strategy
 from fedcore.training import TrainPlan
 from tasks.aggregation import aggregate
 from tasks.artifacts import RunArtifacts
@@ -42,6 +42,7 @@ from tasks.tracking import Tracker, eval_metrics, round_metrics
 from tasks.workers import evaluate_models, train_on_worker
 
 Weights = dict[str, torch.Tensor]
+MNIST_SPLIT_SIZES = {"train": 60000, "test": 10000}  # no shard holds more than its split
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,21 @@ class RunContext:
     def evaluator(self) -> str | None:
         """The worker that scores the models, or None: no evaluation."""
         return self.cfg.evaluators[0].name if self.cfg.evaluators else None
+
+    @cached_property
+    def screening(self) -> ScreeningHistory:
+        """The accepted distances of recent rounds, for screening's absolute bound."""
+        return ScreeningHistory(self.cfg.screening.norm_factor)
+
+    def expected_counts(self, name: str, plan: TrainPlan) -> ExpectedCounts:
+        """What worker `name`'s update must agree with: its shard size (from its hello; at most
+        the split's size, so a hello that lies about its labels cannot raise it) and `plan`."""
+        hello = self.sessions[name].hello_info
+        shard = None
+        if hello is not None:
+            split = next(w for w in self.cfg.workers if w.name == name).shard().split
+            shard = min(hello.num_examples, MNIST_SPLIT_SIZES.get(split, hello.num_examples))
+        return ExpectedCounts(shard, plan.steps, plan.batch_size)
 
     @cached_property
     def config_json(self) -> dict[str, Any]:
@@ -210,12 +226,12 @@ def train_once(
     updates: list[Update] = []
     failures: list[Failure] = []
     for name, future in futures.items():
-        got = collect_update(ctx, rnd, name, future, weights)
+        got = collect_update(ctx, rnd, name, future, weights, ctx.expected_counts(name, plan))
         if isinstance(got, Failure):
             failures.append(got)
         else:
             updates.append(got)
-    screened = screen_updates(updates, weights, cfg.screening.norm_factor)
+    screened = ctx.screening.screen(updates, weights)
     for name, reason in screened.dropped:
         failures.append(rejection(rnd, name, reason, shown=reason))
     if len(screened.kept) < cfg.required_updates():
@@ -224,19 +240,26 @@ def train_once(
             f"update, {cfg.required_updates()} needed; failed: "
             + "; ".join(f"{f.worker} ({f.cause}: {f.message})" for f in failures)
         )
+    ctx.screening.accept(screened)
     return screened.kept, failures
 
 
 def collect_update(
-    ctx: RunContext, rnd: int, name: str, future: PrefectFuture[Update], weights: Weights
+    ctx: RunContext,
+    rnd: int,
+    name: str,
+    future: PrefectFuture[Update],
+    weights: Weights,
+    expected: ExpectedCounts | None = None,
 ) -> Update | Failure:
-    """Wait for worker `name`'s training task: its update if the strategy accepts it, else the
-    failure, with the cause its error carries (`FedError.cause`)."""
+    """Wait for worker `name`'s training task: its update if the strategy accepts it (its counts
+    checked against `expected`: fedcore.strategies.base.check_counts), else the failure, with
+    the cause its error carries (`FedError.cause`)."""
     future.wait()
     if future.state.is_completed():
         update = future.result()
         try:
-            ctx.strategy.check_update(update, weights)
+            ctx.strategy.check_update(update, weights, expected)
         except UpdateRejected as exc:
             return rejection(rnd, name, exc.reason, shown=exc)
         return update
@@ -262,10 +285,24 @@ def evaluate_if_due(
         return None
     models = {u.worker: u.weights for u in updates} if cfg.evaluation.workers else {}
     models["federated"] = aggregated
-    results = evaluate_models.submit(
+    future = evaluate_models.submit(
         ctx.sessions[ctx.evaluator], rnd, models, ctx.groups, cfg.timeouts.evaluate
-    ).result()
+    )
+    future.wait()
     logger = get_run_logger()
+    if not future.state.is_completed():
+        # An evaluator that is gone, or answers with a bad evaluation, costs this round's scores,
+        # never the training: the round's model is still written and the next evaluation tried.
+        exc = future.state.result(raise_on_failure=False)
+        logger.warning(
+            "Round %d: evaluation skipped: evaluator %s %s: %s",
+            rnd,
+            ctx.evaluator,
+            cause_of(exc),
+            exc,
+        )
+        return None
+    results = future.result()
     logger.info("Evaluating models (round %d)", rnd)
     for model, res in results.items():
         for line in report.evaluation_lines(model, res, ctx.groups):

@@ -1,22 +1,27 @@
-"""The federated CNN as an MLflow model: a pyfunc "model from code" whose one artifact is a
-safetensors file.
+"""The federated CNN as an MLflow model: written as a pyfunc "model from code" for MLflow's own
+tools, read back only as its safetensors file with the LOCAL model code.
 
-MLflow pickles a `PythonModel` object with cloudpickle unless the model is given as code; this file
-is that code. `save()` hands MLflow the *path* of this file, so a logged model holds this source,
+Writing: MLflow pickles a `PythonModel` object with cloudpickle unless the model is given as code;
+`save()` hands MLflow the *path* of `tasks/mlflow_pyfunc.py`, so a logged model holds that source,
 `artifacts/weights.safetensors` and text (MLmodel, requirements): no pickle anywhere in the
-registry, so loading a model never runs code hidden in a pickle, and a model stays loadable across
-Python and cloudpickle versions. Loading executes this file, which rebuilds `fedcore.model.Net` and
-reads the weights with `fedcore.checkpoint.load_weights` (names, shapes and dtypes validated); it
-therefore imports only torch, numpy, MLflow and fedcore. Logging and registering a model in a
-store is `tasks/tracking/models.py`; `load` reads a model directory back.
+registry, and `mlflow models serve` can still load it.
 
-Input: float32 images shaped (N, 1, 28, 28), normalised as `fedcore.mnist.load_shard` gives them
-(mean 0.1307, std 0.3081). Output: (N, 10) float32 log-probabilities. Requirements are explicit
-(MLflow infers them by importing the model in a subprocess, 5-6 s per model): torch, numpy and
-this project (`federated-mnist`, which provides fedcore); install the project where the model is
-loaded.
+Reading: nothing here loads a model through pyfunc. `mlflow.pyfunc.load_model` executes the
+`mlflow_model.py` kept in the artifact store, honours the MLmodel's `loader_module` and unpickles
+cloudpickle models, so whoever can write the registry or the artifact store would run code on the
+operator's machine. `load_stored_weights` instead downloads the one plain file
+`artifacts/weights.safetensors` (its listed size checked against a bound derived from the Net
+before any byte is fetched, its size checked again on disk, its SHA-256 checked when the version
+records one), reads it with fedcore's safetensors reader and checks every name, shape, dtype and
+value against `fedcore.model.Net`. The MLmodel file and the code next to it are never read.
+
+Input of the Net: float32 images shaped (N, 1, 28, 28), normalised as `fedcore.mnist.load_shard`
+gives them. Output: (N, 10) float32 log-probabilities.
 """
 
+from __future__ import annotations
+
+import hashlib
 import shutil
 import tempfile
 import warnings
@@ -25,40 +30,132 @@ from typing import Any
 
 import numpy as np
 import torch
-from mlflow.models import set_model
-from mlflow.pyfunc import PythonModel
+
+from fedcore.errors import FedError
 
 WEIGHTS = "weights"  # the artifact key; the file lands at artifacts/weights.safetensors
 WEIGHTS_FILE = "weights.safetensors"
+WEIGHTS_PATH = f"artifacts/{WEIGHTS_FILE}"  # inside a logged model's directory
+SHA_TAG = "weights_sha256"  # the version tag recording the file's hash
+HEADER_ALLOWANCE = 64 * 1024  # safetensors header and metadata beyond the raw tensor bytes
+PYFUNC_CODE = Path(__file__).resolve().with_name("mlflow_pyfunc.py")
 
 
-class FederatedCNN(PythonModel):
-    """Pyfunc wrapper of `fedcore.model.Net`; `net` and `metadata` are set by `load_context`."""
+class StoredModelError(FedError):
+    """A model version in the store cannot be used: no weights file, too large, a hash that
+    differs from the record, or weights that are not the Net's. Not transient: the stored bytes
+    stay what they are."""
 
-    net: Any = None
-    metadata: dict[str, str] = {}
+    cause = "failed"
+    transient = False
 
-    def load_context(self, context: Any) -> None:
-        from fedcore.checkpoint import load_weights
-        from fedcore.model import build_model
 
-        weights, meta = load_weights(Path(context.artifacts[WEIGHTS]))
-        self.metadata = meta
-        self.net = build_model(weights).eval()
+def max_weights_bytes() -> int:
+    """The largest weights file accepted: the Net's raw tensor bytes plus the header allowance."""
+    from fedcore.model import weight_spec
 
-    def predict(
-        self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
-    ) -> np.ndarray:
-        """(N, 1, 28, 28) normalised images -> (N, 10) log-probabilities. (`np.ndarray` is a hint
-        MLflow infers no schema from, and warns about none; the signature is given in `save`.
-        No `from __future__ import annotations` here: MLflow reads the hint as a live object.)"""
-        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32)).reshape(-1, 1, 28, 28)
-        with torch.inference_mode():
-            return self.net(x).numpy()
+    total = 0
+    for shape, dtype in weight_spec().values():
+        total += int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+    return total + HEADER_ALLOWANCE
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_net_file(path: Path, what: str) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The Net (eval mode) and metadata of a local safetensors file, size-bounded first.
+
+    Raises:
+        StoredModelError: the file is too large or not a valid safetensors file of the Net.
+    """
+    from fedcore.checkpoint import load_weights
+    from fedcore.model import build_model
+
+    limit = max_weights_bytes()
+    size = path.stat().st_size
+    if size > limit:
+        raise StoredModelError(
+            f"{what}: {WEIGHTS_FILE} is {size} bytes, more than the {limit} a model of this "
+            "Net can take; the store holds something else: register a model written by "
+            "`fedmnist run`, or export a known-good file"
+        )
+    try:
+        weights, meta = load_weights(path)
+    except FedError as exc:
+        raise StoredModelError(
+            f"{what}: {WEIGHTS_FILE} is not a valid model of this Net ({exc}); the stored file "
+            "is damaged or was replaced: register the round again from its checkpoint"
+        ) from None
+    return build_model(weights).eval(), meta
+
+
+def load_stored_weights(
+    client: Any, tracking_uri: str, version: Any, dest: Path
+) -> tuple[torch.nn.Module, dict[str, str], Path]:
+    """Download a registered version's weights file alone and build the Net from it.
+
+    Args:
+        client: an `MlflowClient` on the store (tracking and registry).
+        tracking_uri: the store's URI (artifact downloads resolve against it).
+        version: the `ModelVersion`.
+        dest: an empty folder to download into.
+
+    Returns:
+        (the Net in eval mode, the file's metadata, the downloaded file).
+
+    Raises:
+        StoredModelError: no weights file, too large, a hash that differs from the version's
+            `weights_sha256` tag, or weights that are not the Net's (the message says which).
+    """
+    from mlflow.artifacts import download_artifacts, list_artifacts
+
+    what = f"{version.name} version {version.version}"
+    location = str(client.get_model_version_download_uri(version.name, version.version))
+    listed = {
+        f.path.rsplit("/", 1)[-1]: f
+        for f in list_artifacts(artifact_uri=f"{location}/artifacts", tracking_uri=tracking_uri)
+    }
+    info = listed.get(WEIGHTS_FILE)
+    if info is None or info.is_dir:
+        raise StoredModelError(
+            f"{what}: the store holds no {WEIGHTS_PATH} for it (found: "
+            f"{sorted(listed) or 'nothing'}); only models logged by `fedmnist run` can be loaded"
+        )
+    limit = max_weights_bytes()
+    if info.file_size is not None and info.file_size > limit:
+        raise StoredModelError(
+            f"{what}: {WEIGHTS_FILE} is listed at {info.file_size} bytes, more than the {limit} "
+            "a model of this Net can take; not downloaded"
+        )
+    path = Path(
+        download_artifacts(
+            artifact_uri=f"{location}/{WEIGHTS_PATH}", dst_path=str(dest), tracking_uri=tracking_uri
+        )
+    )
+    expected = (version.tags or {}).get(SHA_TAG)
+    if expected is not None and path.stat().st_size <= limit:
+        got = sha256_file(path)
+        if got != expected:
+            raise StoredModelError(
+                f"{what}: {WEIGHTS_FILE} has SHA-256 {got[:16]}..., the version records "
+                f"{str(expected)[:16]}...; the stored file was changed after registration: do not "
+                "use this version, register the round again from its checkpoint"
+            )
+    net, meta = load_net_file(path, what)
+    return net, meta, path
+
+
+# -- writing ----------------------------------------------------------------------------------
 
 
 def pip_requirements() -> list[str]:
-    """What loading needs, stated (never inferred)."""
+    """What loading through MLflow's tools needs, stated (never inferred)."""
     import fedcore
 
     return ["torch>=2.1", "numpy>=1.24", f"federated-mnist=={fedcore.__version__}"]
@@ -99,7 +196,7 @@ def save(
         warnings.simplefilter("ignore", UserWarning)
         mlflow.pyfunc.save_model(
             str(path),
-            python_model=str(Path(__file__).resolve()),
+            python_model=str(PYFUNC_CODE),
             artifacts={WEIGHTS: str(weights_file)},
             pip_requirements=pip_requirements(),
             signature=signature(),
@@ -109,14 +206,7 @@ def save(
     return path
 
 
-def load(model_dir: Path) -> FederatedCNN:
-    """Load a saved or downloaded model directory; returns the wrapper (`.net`, `.metadata`)."""
-    import mlflow.pyfunc
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        model = mlflow.pyfunc.load_model(str(model_dir))
-    return model.unwrap_python_model()
-
-
-set_model(FederatedCNN())
+def load(model_dir: Path) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The Net and metadata of a saved or downloaded model directory: its weights file only,
+    read with the local model code (the directory's code and MLmodel are never read)."""
+    return load_net_file(Path(model_dir) / WEIGHTS_PATH, str(model_dir))

@@ -15,6 +15,11 @@ step. `base.py` is the interface the flow uses, `aggregate.py` the arithmetic. C
     {name: fedadagrad, weighting, server_lr, tau}
     {name: fedprox, weighting, mu, server_lr, momentum, nesterov}
     {name: scaffold, weighting, server_lr, momentum, nesterov}
+    {name: median, server_lr, momentum, nesterov}
+    {name: trimmed-mean, beta, server_lr, momentum, nesterov}
+    {name: clipped-mean, weighting, bound, server_lr, momentum, nesterov}
+
+Every strategy checks the counts an update reports before using it (`base.check_counts`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, RootModel, model_validator
 
-from .base import Failure, Strategy, StrategyState, Weights
+from .base import ExpectedCounts, Failure, Strategy, StrategyState, Weights, check_counts
 from .fedopt import (
     FedAdagradConfig,
     FedAdamConfig,
@@ -36,6 +41,7 @@ from .fedopt import (
     MeanConfig,
     UnweightedMean,
 )
+from .robust import ClippedMeanConfig, MedianConfig, TrimmedMeanConfig
 from .scaffold import Scaffold, ScaffoldConfig
 
 AnyStrategyConfig = Annotated[
@@ -46,7 +52,10 @@ AnyStrategyConfig = Annotated[
     | FedYogiConfig
     | FedAdagradConfig
     | FedProxConfig
-    | ScaffoldConfig,
+    | ScaffoldConfig
+    | MedianConfig
+    | TrimmedMeanConfig
+    | ClippedMeanConfig,
     Field(discriminator="name"),
 ]
 CONFIGS = {
@@ -58,6 +67,9 @@ CONFIGS = {
     "fedadagrad": FedAdagradConfig,
     "fedprox": FedProxConfig,
     "scaffold": ScaffoldConfig,
+    "median": MedianConfig,
+    "trimmed-mean": TrimmedMeanConfig,
+    "clipped-mean": ClippedMeanConfig,
 }
 NAMES = tuple(CONFIGS)
 
@@ -106,6 +118,7 @@ __all__ = [
     "CONFIGS",
     "NAMES",
     "AnyStrategyConfig",
+    "ExpectedCounts",
     "Failure",
     "FedAvg",
     "FedOpt",
@@ -116,4 +129,5 @@ __all__ = [
     "UnweightedMean",
     "Weights",
     "build_strategy",
+    "check_counts",
 ]

@@ -25,6 +25,9 @@ below are all this one class; none inherits behaviour from another:
   steps with server SGD (server_lr 1, momentum 0: the paper's plain average). mu = 0 is plain
   local SGD, bit for bit.
 
+The robust configurations (`median`, `trimmed-mean`, `clipped-mean`: robust.py) are FedOpt too,
+holding a combine rule (rules.py) that replaces the weighted average.
+
 Every configuration model is frozen and refuses unknown keys, so `{name: fedavgm, momentun: 0.9}`
 is an error naming `momentun`; its `build()` makes the strategy from the fields it holds.
 """
@@ -40,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..model import Weights
 from ..protocol import Update
 from .base import Failure, Strategy, StrategyState, check_state_owner
+from .rules import CombineRule
 from .server_optimizer import (
     ServerOptimizer,
     server_adagrad,
@@ -61,6 +65,7 @@ class FedOpt(Strategy):
         server: the server optimizer; None adopts the weighted average as the next model.
         plan: TrainPlan fields set for every round (FedProx's {"prox_mu": mu}).
         extra_params: further values for the record (e.g. the paper the strategy follows).
+        rule: a robust combine rule used instead of the weighted average (None: the average).
     """
 
     def __init__(
@@ -70,10 +75,12 @@ class FedOpt(Strategy):
         server: ServerOptimizer | None = None,
         plan: Mapping[str, Any] | None = None,
         extra_params: Mapping[str, object] | None = None,
+        rule: CombineRule | None = None,
     ) -> None:
         self.name = name
         self.weighting = weighting
         self.server = server
+        self.rule = rule
         self._plan = dict(plan or {})
         self._extra = dict(extra_params or {})
 
@@ -84,11 +91,15 @@ class FedOpt(Strategy):
         updates: Sequence[Update],
         failures: Sequence[Failure],
     ) -> Weights:
-        """The weighted average, stepped to by the server optimizer when there is one."""
-        mean = average(self.weighting, updates)
+        """The weighted average (or the rule's model), stepped to by the server optimizer when
+        there is one."""
+        if self.rule is None:
+            combined = average(self.weighting, updates)
+        else:
+            combined = self.rule.combine(self.weighting, global_weights, updates)
         if self.server is None:
-            return mean
-        return self.server.step(dict(global_weights), mean)
+            return combined
+        return self.server.step(dict(global_weights), combined)
 
     def plan_overrides(self) -> dict[str, Any]:
         return dict(self._plan)
@@ -96,6 +107,7 @@ class FedOpt(Strategy):
     def params(self) -> dict[str, object]:
         out: dict[str, object] = {"name": self.name, "weighting": self.weighting}
         out.update(self.server.params() if self.server else {"server_optimizer": "none"})
+        out.update(self.rule.params() if self.rule else {})
         out.update(self._plan)
         out.update(self._extra)
         return out

@@ -46,7 +46,7 @@ from ..local_algorithms import CONTROL, CONTROL_BASE, CONTROL_DELTA
 from ..model import Weights
 from ..protocol import Update
 from .aggregate import floating_spec, mean_over
-from .base import Failure, Strategy, StrategyState, check_state_owner
+from .base import ExpectedCounts, Failure, Strategy, StrategyState, check_state_owner
 from .fedopt import FedOpt, ServerSGDOptions
 from .server_optimizer import ServerOptimizer
 from .weighting import Weighting
@@ -101,15 +101,21 @@ class Scaffold(Strategy):
 
     # -- what comes back -------------------------------------------------------------------
 
-    def check_update(self, update: Update, global_weights: Mapping[str, torch.Tensor]) -> None:
-        """Refuse other groups, a malformed delta, or a missing delta that cannot be a reconnect.
+    def check_update(
+        self,
+        update: Update,
+        global_weights: Mapping[str, torch.Tensor],
+        expected: ExpectedCounts | None = None,
+    ) -> None:
+        """Refuse bad counts, other groups, a malformed delta, or a missing delta that cannot be
+        a reconnect.
 
         Raises:
-            UpdateRejected: names, shapes, dtypes or values of `control_delta` do not fit the
-                model's floating-point tensors, or it is missing where the worker had no c_i to
-                lose.
+            UpdateRejected: counts out of range (`check_counts`); names, shapes, dtypes or
+                values of `control_delta` do not fit the model's floating-point tensors, or it
+                is missing where the worker had no c_i to lose.
         """
-        super().check_update(update, global_weights)
+        super().check_update(update, global_weights, expected)
         delta = update.extras.get(CONTROL_DELTA)
         if delta is not None:
             spec = floating_spec(dict(global_weights))

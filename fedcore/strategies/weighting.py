@@ -2,7 +2,8 @@
 
 - "unweighted": every valid update counts equally (the seed's mean; Reddi et al. 2021's
   Algorithm 2 averages the sampled clients' deltas this way);
-- "samples": in proportion to the examples the worker holds (FedAvg, McMahan et al. 2017).
+- "samples": in proportion to the examples the worker holds (FedAvg, McMahan et al. 2017): the
+  `num_examples` of its update, which `base.check_counts` has held to [1, its shard size] first.
 
 Neither is a default anywhere: a configuration names one, so that no record leaves the reader
 guessing which average a training took.

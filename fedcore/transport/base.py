@@ -47,8 +47,13 @@ class Pipe(abc.ABC):
     description: str = "worker"
 
     @abc.abstractmethod
-    def send(self, data: bytes) -> None:
-        """Write all of `data`; raises ConnectionError when the worker is gone."""
+    def send(self, data: bytes, timeout: float | None = None) -> None:
+        """Write all of `data` within `timeout` seconds (None: the pipe's own send deadline).
+
+        Raises:
+            TimeoutError: the worker took no input until the deadline (it is wedged).
+            ConnectionError: the worker is gone.
+        """
 
     def read_exact(self, n: int, timeout: float | None) -> bytes:
         """Read exactly n bytes within `timeout` seconds.

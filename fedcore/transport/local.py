@@ -1,7 +1,9 @@
 """The `local` transport: each worker program is a subprocess of the coordinator.
 
-The embedded default: one machine, no devices. The worker's stderr becomes log lines of the
-logger `fedcore.worker.<name>`.
+The embedded default: one machine, no devices. The worker's stderr becomes bounded log lines of
+the logger `fedcore.worker.<name>` (`stderr.StderrForwarder`). Writing to a worker has a deadline:
+its stdin is non-blocking and each write waits in `select`, so a wedged worker (stopped, or one
+that no longer reads) is a TimeoutError naming it, never a coordinator blocked for ever.
 """
 
 from __future__ import annotations
@@ -11,39 +13,56 @@ import os
 import select
 import subprocess
 import sys
-import threading
+import time
 from pathlib import Path
 
 from .base import Pipe, Transport, WorkerLaunch
+from .stderr import LOG_LIMITS, LogLimits, StderrForwarder, start_pump
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+SEND_TIMEOUT = 120.0  # seconds for a worker to take one request in
 
 
 class LocalPipe(Pipe):
     """Pipes to a worker subprocess."""
 
-    def __init__(self, proc: subprocess.Popen, name: str) -> None:
+    def __init__(
+        self,
+        proc: subprocess.Popen,
+        name: str,
+        send_timeout: float = SEND_TIMEOUT,
+        log_limits: LogLimits = LOG_LIMITS,
+    ) -> None:
         self.proc = proc
         self.description = f"local worker {name} (pid {proc.pid})"
+        self.send_timeout = send_timeout
         self._out = proc.stdout.fileno()  # type: ignore[union-attr]
-        self._log = logging.getLogger(f"fedcore.worker.{name}")
-        self._stderr_thread = threading.Thread(
-            target=self._pump_stderr, name=f"stderr-{name}", daemon=True
-        )
-        self._stderr_thread.start()
+        self._in = proc.stdin.fileno()  # type: ignore[union-attr]
+        os.set_blocking(self._in, False)
+        err = proc.stderr.fileno()  # type: ignore[union-attr]
+        self.stderr = StderrForwarder(logging.getLogger(f"fedcore.worker.{name}"), log_limits)
+        self._stderr_thread = start_pump(f"stderr-{name}", lambda: os.read(err, 65536), self.stderr)
 
-    def _pump_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            self._log.info(raw.decode("utf-8", "replace").rstrip())
-
-    def send(self, data: bytes) -> None:
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(data)
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError) as exc:
-            raise ConnectionError(f"{self.description} is gone: {exc}") from None
+    def send(self, data: bytes, timeout: float | None = None) -> None:
+        seconds = self.send_timeout if timeout is None else timeout
+        deadline = time.monotonic() + seconds
+        view = memoryview(data)
+        while view:
+            left = deadline - time.monotonic()
+            try:
+                ready = left > 0 and select.select([], [self._in], [], left)[1]
+                if not ready:
+                    raise TimeoutError(
+                        f"{self.description} took no input for {seconds:g}s "
+                        f"({len(data) - len(view)} of {len(data)} bytes written)"
+                    )
+                view = view[os.write(self._in, view) :]
+            except (BlockingIOError, InterruptedError):
+                continue
+            except TimeoutError:
+                raise
+            except (OSError, ValueError) as exc:  # BrokenPipeError: it exited
+                raise ConnectionError(f"{self.description} is gone: {exc}") from None
 
     def read_available(self, n: int, wait: float | None) -> bytes:
         ready, _, _ = select.select([self._out], [], [], wait)
@@ -65,15 +84,30 @@ class LocalPipe(Pipe):
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
+        self._stderr_thread.join(1.0)  # the forwarder reports what it dropped
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
 
 
 class LocalTransport(Transport):
-    """Start workers as `python -m fedcore.worker` subprocesses of this machine."""
+    """Start workers as `python -m fedcore.worker` subprocesses of this machine.
 
-    def __init__(self, python: str | None = None) -> None:
+    Args:
+        python: the interpreter (default: this one).
+        send_timeout: seconds a worker has to take in one request.
+        log_limits: how much of each worker's stderr reaches the log.
+    """
+
+    def __init__(
+        self,
+        python: str | None = None,
+        send_timeout: float = SEND_TIMEOUT,
+        log_limits: LogLimits = LOG_LIMITS,
+    ) -> None:
         self.python = python or sys.executable
+        self.send_timeout = send_timeout
+        self.log_limits = log_limits
 
     def open(self, launch: WorkerLaunch) -> LocalPipe:
         env = dict(os.environ)
@@ -94,4 +128,4 @@ class LocalTransport(Transport):
             raise ConnectionError(
                 f"cannot start {self.python} for worker {launch.name}: {exc}"
             ) from None
-        return LocalPipe(proc, launch.name)
+        return LocalPipe(proc, launch.name, self.send_timeout, self.log_limits)

@@ -24,6 +24,8 @@ from .store import (
     default_artifact_root,
     default_tracking_uri,
     is_server,
+    redact_text,
+    redact_uri,
     resolve_tracking_uri,
     sqlite_path,
 )
@@ -50,6 +52,8 @@ __all__ = [
     "make_tracker",
     "metric_chart_url",
     "prefect_context",
+    "redact_text",
+    "redact_uri",
     "resolve_tracking_uri",
     "round_metrics",
     "run_name",

@@ -30,8 +30,13 @@ class LoggingThread:
     job fails it too (nothing can be logged without a run).
     """
 
-    def __init__(self, name: str = "mlflow-tracker") -> None:
+    def __init__(
+        self, name: str = "mlflow-tracker", scrub: Callable[[str], str] = lambda text: text
+    ) -> None:
+        """`scrub` rewrites every failure message before it is logged or kept (it removes the
+        store's credentials)."""
         self.client: Any = None
+        self._scrub = scrub
         self.run_id: Future[str] = Future()
         self.errors: list[str] = []
         self.skipped = 0
@@ -46,7 +51,7 @@ class LoggingThread:
 
     def record(self, exc: BaseException, what: str = "") -> None:
         """Note a logging failure (`what` prefixes the message), for `close()` to return."""
-        msg = f"{what}{type(exc).__name__}: {exc}"
+        msg = self._scrub(f"{what}{type(exc).__name__}: {exc}")
         log.warning("MLflow logging failed: %s", msg)
         self.errors.append(msg)
 

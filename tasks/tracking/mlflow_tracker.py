@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcore.evaluation import EvalResult
+from tasks.mlflow_model import SHA_TAG
 
 from .background import LoggingThread
 from .batching import log_batch, metric_entities
@@ -39,6 +40,8 @@ from .store import (
     fix_hint,
     is_server,
     open_store,
+    redact_text,
+    redact_uri,
     resolve_tracking_uri,
 )
 from .tags import code_version_tags, context_tags
@@ -73,15 +76,17 @@ class MlflowTracker:
             registered_model: the registered model the evaluated global models become versions
                 of (None: logged, not registered).
         """
-        self.uri = resolve_tracking_uri(uri)
+        self.uri = resolve_tracking_uri(uri)  # to connect; `shown_uri` everywhere else
+        self.shown_uri = redact_uri(self.uri)
         self.experiment = experiment
         self.artifact_root = artifact_root or artifact_root_for(self.uri)
         self.registered_model = registered_model
         self.experiment_id: str | None = None
         self.model_seconds: list[float] = []  # wall time of logging + registering each model
-        self._thread = LoggingThread()
+        self._thread = LoggingThread(scrub=lambda text: redact_text(text, self.uri))
         # Touched only on the logging thread:
         self._evaluations: dict[int, dict[str, EvalResult]] = {}
+        self._model_sha: dict[str, str] = {}  # logged model id -> its weights' SHA-256
         self._groups: list[list[int]] = []
         self._code_tags: dict[str, str] = {}
 
@@ -154,15 +159,16 @@ class MlflowTracker:
             return self.run_id.result(timeout)
         except FutureTimeout:
             raise TrackingUnavailable(
-                f"MLflow store {self.uri} did not open the run within {timeout:.0f}s. "
-                f"{fix_hint(self.uri)}"
+                f"MLflow store {self.shown_uri} did not open the run within {timeout:.0f}s. "
+                f"{fix_hint(self.shown_uri)}"
             ) from None
         except TrackingUnavailable:
             raise
         except Exception as exc:
             raise TrackingUnavailable(
-                f"MLflow store {self.uri} could not open the run ({type(exc).__name__}: {exc}). "
-                f"{fix_hint(self.uri)}"
+                f"MLflow store {self.shown_uri} could not open the run ("
+                + redact_text(f"{type(exc).__name__}: {exc}", self.uri)
+                + f"). {fix_hint(self.shown_uri)}"
             ) from exc
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -210,7 +216,10 @@ class MlflowTracker:
                         self.registered_model,
                         run_id,
                         model_id,
-                        evaluation_facts(rnd, federated, group_lists),
+                        {
+                            **evaluation_facts(rnd, federated, group_lists),
+                            SHA_TAG: self._model_sha.pop(model_id, ""),
+                        },
                         federated.accuracy,
                         local_store=None if is_server(self.uri) else self.uri,
                     )
@@ -230,7 +239,11 @@ class MlflowTracker:
             "mlflow_run_id": run_id,
             **{k: v for k, v in self._code_tags.items() if k in CODE_FACTS},
         }
-        return log_global_model(client, str(self.experiment_id), run_id, rnd, model_path, facts)
+        model_id, sha = log_global_model(
+            client, str(self.experiment_id), run_id, rnd, model_path, facts
+        )
+        self._model_sha[model_id] = sha
+        return model_id
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Attach file `path` under folder `artifact_path` of the run."""
@@ -263,7 +276,7 @@ class MlflowTracker:
             client.set_terminated(run_id, status=status)
 
         self.call(job)
-        return self._thread.close(timeout, self.uri)
+        return self._thread.close(timeout, self.shown_uri)
 
     def _log_figures(self, client: Any, run_id: str) -> None:
         """The training's pictures as `figures/` of the run (none before an evaluation)."""
@@ -292,7 +305,12 @@ class MlflowTracker:
         """Where the run shows in the MLflow UI: the tracking server itself when the store is a
         server, else `ui_url` (the address `mlflow ui` serves on); None before the run exists."""
         run_id = self.run_id_or_none()
-        base = self.uri if is_server(self.uri) else ui_url
+        base = _without_userinfo(self.uri) if is_server(self.uri) else ui_url
         if run_id is None or not base:
             return None
         return run_page_url(base, self.experiment_id, run_id)
+
+
+def _without_userinfo(uri: str) -> str:
+    """A server's URI without `user:pass@`, for links people open (their browser asks)."""
+    return redact_uri(uri).replace("***@", "", 1)

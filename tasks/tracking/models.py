@@ -2,7 +2,9 @@
 version of the registered model with the moving aliases `current` and `champion`.
 
 The logged model is the pyfunc "model from code" of `tasks/mlflow_model.py` (its one artifact is
-the safetensors file; no pickle anywhere in the registry). Everything goes through an explicit
+the safetensors file; no pickle anywhere in the registry). Its SHA-256 goes into the version's
+`weights_sha256` tag, so a reader (`fedmnist models`) notices a file changed in the artifact store
+after registration. Everything goes through an explicit
 `MlflowClient` (the tracker's logging thread calls these): MLflow's fluent `log_model` would use the
 process-wide URI and the thread's active run.
 """
@@ -45,7 +47,7 @@ def log_global_model(
     rnd: int,
     weights_file: Path,
     facts: Mapping[str, str],
-) -> str:
+) -> tuple[str, str]:
     """Log `weights_file` as logged model `global-rNNN` of run `run_id` at step `rnd`.
 
     Args:
@@ -58,7 +60,8 @@ def log_global_model(
             among them become the model's params.
 
     Returns:
-        The logged model's id (the model is left PENDING: finalize it once its metrics are in).
+        The logged model's id (the model is left PENDING: finalize it once its metrics are in)
+        and the SHA-256 of the weights file as stored.
     """
     from mlflow.entities import LoggedModelOutput
     from mlflow.models import Model
@@ -77,9 +80,11 @@ def log_global_model(
         model_type="pyfunc",
     )
     with tempfile.TemporaryDirectory(prefix="fedmnist-model-") as tmp:
+        stored = save_weights(Path(tmp) / mlflow_model.WEIGHTS_FILE, weights, merged)
+        sha = mlflow_model.sha256_file(stored)
         local = mlflow_model.save(
             Path(tmp) / "model",
-            save_weights(Path(tmp) / mlflow_model.WEIGHTS_FILE, weights, merged),
+            stored,
             metadata=merged,
             mlflow_model=Model(
                 artifact_path=model.artifact_location,
@@ -90,7 +95,7 @@ def log_global_model(
         )
         client.log_model_artifacts(model.model_id, str(local))
     client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=rnd)])
-    return str(model.model_id)
+    return str(model.model_id), sha
 
 
 @contextmanager
@@ -159,7 +164,17 @@ def register(
     champion = client.get_registered_model(name).aliases.get(ALIAS_CHAMPION)
     best = -1.0
     if champion is not None:
-        best = float(client.get_model_version(name, champion).tags.get("accuracy", -1.0))
+        best = _accuracy_tag(client.get_model_version(name, champion).tags.get("accuracy"))
     if accuracy > best:
         client.set_registered_model_alias(name, ALIAS_CHAMPION, version.version)
     return str(version.version)
+
+
+def _accuracy_tag(text: str | None) -> float:
+    """A version's `accuracy` tag as a number in [0, 1]; -1 when absent or not one (tags are
+    store data: a tampered champion loses its place instead of stopping the registration)."""
+    try:
+        value = float(text if text is not None else "")
+    except ValueError:
+        return -1.0
+    return value if 0.0 <= value <= 1.0 else -1.0

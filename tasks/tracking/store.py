@@ -4,20 +4,24 @@ The store is `tracking.uri` in the config, else `$MLFLOW_TRACKING_URI`, else the
 `$FEDMNIST_HOME/mlflow.db` with its artifacts in `mlartifacts/` beside it (MLflow would otherwise
 write them under the current directory). A server is health-checked before use so that an
 unreachable one is named, with the fixes, before the training starts. Credentials for a server
-are MLflow's own (`MLFLOW_TRACKING_USERNAME`/`_PASSWORD`/`_TOKEN` in the environment): nothing
-here reads or stores them. MLflow itself is imported only when a store is opened.
+are MLflow's own (`MLFLOW_TRACKING_USERNAME`/`_PASSWORD`/`_TOKEN` in the environment); a URI that
+carries them itself (`https://user:pass@host`, `postgresql://u:p@h/db`) is used as given to
+connect, and shown everywhere else through `redact_uri` (params, config.json, links, messages,
+logs): the user part becomes `***`. MLflow itself is imported only when a store is opened.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
-from fedcore.config import fedmnist_home
+from fedcore.config import URI_USERINFO, fedmnist_home, redact_uri
 from fedcore.errors import FedError
 
 ENV_URI = "MLFLOW_TRACKING_URI"
@@ -26,6 +30,24 @@ HEALTH_TIMEOUT = 5.0  # seconds for GET <server>/health
 
 class TrackingUnavailable(FedError):
     """The MLflow store cannot be reached or cannot open the run."""
+
+
+def _without_userinfo(uri: str) -> str:
+    return URI_USERINFO.sub(r"\g<scheme>", uri, count=1)
+
+
+def redact_text(text: str, uri: str) -> str:
+    """`text` with `uri` and its credentials (user info, password) replaced, for messages that
+    embed what a library said about the store."""
+    found = URI_USERINFO.match(uri)
+    if not found:
+        return text
+    text = text.replace(uri, redact_uri(uri))
+    userinfo = found.group("userinfo")
+    for secret in (userinfo, userinfo.partition(":")[2]):
+        if len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text
 
 
 def default_tracking_uri() -> str:
@@ -92,8 +114,14 @@ def check_server(uri: str, timeout: float = HEALTH_TIMEOUT) -> None:
         TrackingUnavailable: no answer, or not OK; the message names the URI and the fixes.
     """
     url = uri.rstrip("/") + "/health"
+    request = urllib.request.Request(_without_userinfo(url))
+    found = URI_USERINFO.match(url)
+    if found:  # urllib takes no credentials in the URL: send them as MLflow's client does
+        user, _, password = found.group("userinfo").partition(":")
+        token = f"{unquote(user)}:{unquote(password)}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(token).decode())
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             if resp.status == 200:
                 return
             reason = f"HTTP {resp.status}"
@@ -101,8 +129,13 @@ def check_server(uri: str, timeout: float = HEALTH_TIMEOUT) -> None:
         reason = f"HTTP {exc.code}"
     except (urllib.error.URLError, OSError) as exc:
         reason = str(getattr(exc, "reason", exc))
+    shown = redact_uri(uri)
     raise TrackingUnavailable(
-        f"MLflow tracking server {uri} is not reachable (GET {url}: {reason}). {fix_hint(uri)}"
+        redact_text(
+            f"MLflow tracking server {shown} is not reachable (GET {redact_uri(url)}: {reason}). "
+            f"{fix_hint(shown)}",
+            uri,
+        )
     )
 
 
@@ -115,6 +148,10 @@ def open_store(uri: str) -> Any:
     """
     from mlflow.tracking import MlflowClient
 
+    if URI_USERINFO.match(uri):
+        # MLflow prints "View run ... at: <uri>/#/..." when a run ends, credentials included;
+        # the flow logs its own link (without them).
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if is_server(uri):
         check_server(uri)
     # One INFO line per registered version ("Waiting up to 300 seconds ...") otherwise.

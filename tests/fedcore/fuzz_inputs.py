@@ -6,9 +6,9 @@ lengths that match). Then one mutation at a time: a header entry's dtype, shape 
 header or metadata JSON, a declared length, a message field, each set to another JSON value. Used
 by test_fuzz_protocol.py; kept apart so that file reads as the properties it checks.
 
-Non-finite numbers, deep nesting and past-int64 dimensions are never generated here: they are
-among the inputs that still raise untyped errors today, pinned one by one in
-test_fuzz_protocol.py (which also skips the one such input these generators do make).
+Values include what a hostile peer would write into otherwise valid JSON (`Raw` tokens, spliced
+into the text as is): NaN and Infinity, floats that overflow, integers of thousands of digits or
+past int64, and brackets nested deeper than Python's parser recurses.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from hypothesis import strategies as st
 
 from fedcore import protocol, tensorcodec, wire
+from fedcore.errors import WireError
 from fedcore.evaluation import EvalResult
 from fedcore.protocol import Hello, TrainRequest, Update
 from fedcore.training import TrainMetrics, TrainPlan
@@ -31,8 +33,47 @@ from fedcore.training import TrainMetrics, TrainPlan
 NAMES = st.text(alphabet="abcdefghij._0123456789", min_size=1, max_size=8)
 DTYPE_NAMES = sorted(tensorcodec.DTYPES)
 FINITE = st.floats(allow_nan=False, allow_infinity=False)
-# Any JSON value a peer might put where another was expected. Finite numbers only: non-finite
-# ones are pinned in test_fuzz_protocol.py's KNOWN_UNTYPED.
+
+
+@dataclass(frozen=True)
+class Raw:
+    """JSON text written as is where a value goes (what `json.dumps` would never write)."""
+
+    text: str
+
+
+RAW_TOKENS = [
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "1e400",
+    "-1e400",
+    str(2**64),
+    str(2**66),
+    "9" * 4000,  # under Python's own 4300-digit limit: the decoder must bound it itself
+    "[" * 5000 + "]" * 5000,  # deeper than Python's recursion limit
+    '{"a":' * 40 + "0" + "}" * 40,
+]
+RAW = st.sampled_from(RAW_TOKENS).map(Raw)
+
+
+def dumps(value: object) -> bytes:
+    """`value` as compact JSON, with each `Raw` inside it spliced in as its text."""
+    raws: list[str] = []
+
+    def mark(obj: object) -> str:
+        if not isinstance(obj, Raw):
+            raise TypeError(f"not JSON: {obj!r}")
+        raws.append(obj.text)
+        return f"\0raw{len(raws) - 1}\0"
+
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False, default=mark)
+    for i, raw in enumerate(raws):
+        text = text.replace(json.dumps(f"\0raw{i}\0"), raw)
+    return text.encode()
+
+
+# Any JSON value a peer might put where another was expected.
 JSON_VALUES = st.one_of(
     st.none(),
     st.booleans(),
@@ -41,6 +82,7 @@ JSON_VALUES = st.one_of(
     st.text(max_size=8),
     st.lists(st.integers(-3, 12), max_size=4),
     st.dictionaries(st.text(max_size=3), st.integers(-3, 12), max_size=3),
+    RAW,
 )
 
 
@@ -79,16 +121,16 @@ def split_file(data: bytes) -> tuple[Any, bytes]:
 
 
 def safetensors_file(header: object, body: bytes) -> bytes:
-    text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    text = dumps(header)
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text + body
 
 
-DIMS = st.one_of(st.integers(-2, 6), st.just(2**31))
-OFFSETS = st.one_of(st.integers(-4, 160), st.just(2**64))
+DIMS = st.one_of(st.integers(-2, 6), st.sampled_from([2**31, 2**40, 2**41, 2**62, 2**66]), RAW)
+OFFSETS = st.one_of(st.integers(-4, 160), st.just(2**64), RAW)
 ENTRY_VALUES = {
     "dtype": st.one_of(st.sampled_from([*DTYPE_NAMES, "F8", "f32", "", "C64"]), JSON_VALUES),
-    "shape": st.one_of(st.lists(DIMS, max_size=4), JSON_VALUES),
+    "shape": st.one_of(st.lists(DIMS, max_size=10), JSON_VALUES),
     "data_offsets": st.one_of(st.lists(OFFSETS, max_size=3), JSON_VALUES),
 }
 HEADER_MUTATIONS = [
@@ -157,8 +199,9 @@ def mutate_file(data: st.DataObject, header: dict[str, Any], body: bytes) -> byt
 def mutable(raw: bytes) -> tuple[dict[str, Any], bytes] | None:
     """(header, body) of a file that still has a tensor entry to mutate, else None."""
     try:
-        header, body = split_file(raw)
-    except (ValueError, struct.error):
+        (n,) = struct.unpack("<Q", raw[:8])
+        header, body = wire.parse_json(raw[8 : 8 + n], "header"), raw[8 + n :]
+    except (WireError, struct.error):
         return None
     if not isinstance(header, dict):
         return None
@@ -197,17 +240,29 @@ METRICS = st.builds(
     loss=FINITE,
     samples=st.integers(0, 10**6),
     steps=st.integers(0, 10**4),
-    seconds=FINITE,
+    seconds=st.floats(0, 1e6),
 )
-EVAL_RESULTS = st.builds(
-    EvalResult,
-    correct=st.integers(0, 10**4),
-    total=st.integers(0, 10**4),
-    loss=FINITE,
-    seed_loss=FINITE,
-    confusion=st.lists(st.lists(st.integers(0, 10**4), max_size=3), max_size=3),
-    group_shares=st.lists(FINITE, max_size=3),
-)
+
+
+@st.composite
+def eval_results(draw: st.DrawFn) -> EvalResult:
+    """A consistent result: 10x10 confusion, `total` its sum, `correct` its diagonal."""
+    confusion = draw(
+        st.lists(
+            st.lists(st.integers(0, 10**4), min_size=10, max_size=10), min_size=10, max_size=10
+        )
+    )
+    return EvalResult(
+        correct=sum(confusion[d][d] for d in range(10)),
+        total=sum(map(sum, confusion)),
+        loss=draw(st.floats(0, 1e6)),
+        seed_loss=draw(st.floats(0, 1e6)),
+        confusion=confusion,
+        group_shares=draw(st.lists(st.floats(0, 1), max_size=3)),
+    )
+
+
+EVAL_RESULTS = eval_results()
 ROUNDS = st.integers(0, 10**4)
 
 
@@ -306,9 +361,9 @@ def mutate_frame(data: st.DataObject, frame: bytes) -> bytes:
     rest = frame[wire.PREFIX.size :]
     kind = data.draw(st.sampled_from(FRAME_MUTATIONS), label="frame mutation")
     if kind == "field":
-        return wire.encode_frame(mutate_meta(data, json.loads(text)), payload)
+        return frame_with(dumps(mutate_meta(data, json.loads(text))), payload)
     if kind == "meta not an object":
-        return frame_with(json.dumps(data.draw(JSON_VALUES, label="meta")).encode(), payload)
+        return frame_with(dumps(data.draw(JSON_VALUES, label="meta")), payload)
     if kind == "json byte":
         pos = data.draw(st.integers(0, len(text) - 1), label="pos")
         value = data.draw(st.integers(0, 255), label="byte")

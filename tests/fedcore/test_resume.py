@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +70,41 @@ def test_a_folder_without_a_complete_round_is_refused(tmp_path: Path) -> None:
     (run / "global-r001.safetensors").write_bytes(b"\0" * 7)  # damaged model file
     with pytest.raises(ConfigError, match="no complete round"):
         load_resume_point(run)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_every_rename_of_a_round_is_followed_by_a_fsync_of_its_folder(tmp_path: Path) -> None:
+    """Seen by the kernel, not by a spy: strace lists the renames and fsyncs of a real
+    `write_round`; the folder is fsynced after the rename of state.json (a crash then cannot
+    bring back the previous round's state.json nor lose the new one)."""
+    run = (tmp_path / "run").resolve()
+    run.mkdir()
+    script = (
+        "import sys, torch\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "from pathlib import Path\n"
+        "from fedcore.model import initial_weights\n"
+        "from fedcore.resume import write_round\n"
+        "from fedcore.strategies.base import StrategyState\n"
+        "write_round(Path(sys.argv[1]), config={}, config_path='', round=1,\n"
+        "    weights=initial_weights(1), strategy=StrategyState('mean', {}, {}),\n"
+        "    metrics={}, mlflow_run_id=None, meta={})\n"
+    )
+    proc = subprocess.run(
+        ["strace", "-f", "-y", "-e", "trace=fsync,rename,renameat,renameat2", sys.executable]
+        + ["-c", script, str(run), str(Path(__file__).resolve().parents[2])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if "Operation not permitted" in proc.stderr and "ptrace" in proc.stderr:
+        pytest.skip("ptrace is not permitted here")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    calls = [line for line in proc.stderr.splitlines() if "rename" in line or "fsync(" in line]
+    renamed = [i for i, c in enumerate(calls) if "rename" in c and f'{run}/state.json"' in c]
+    assert renamed, calls
+    after = calls[renamed[-1] + 1 :]
+    assert any("fsync(" in c and f"<{run}>" in c for c in after), calls
+    for i, c in enumerate(calls):  # each model file too
+        if "rename" in c and '.safetensors"' in c:
+            assert any(f"<{run}>" in d for d in calls[i + 1 :] if "fsync(" in d), calls

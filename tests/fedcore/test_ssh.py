@@ -7,6 +7,9 @@ run for real. Skipped, with the reason, where sshd cannot be installed or starte
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import pwd
 import shutil
 import subprocess
@@ -36,11 +39,16 @@ from fedcore.transport.ssh import (
     WORKER_MODULES,
     ChangedHostKey,
     RemoteSetupError,
+    RevokedHostKey,
     SSHAuthFailed,
     SSHConfig,
+    SSHPipe,
     SSHTransport,
     UnknownHostKey,
+    UnprotectedPrivateKey,
+    UnsupportedKnownHosts,
     code_bundle,
+    connect,
     fetch_host_key,
     probe,
     trust,
@@ -390,5 +398,154 @@ def test_a_device_dying_mid_training_is_unreachable_without_hanging(small_lab: L
         # The refused connection is the error, not the 30 s deadline running out.
         with pytest.raises((WorkerUnreachable, WorkerTimeout), match="'dora'.*refused"):
             session.train(TrainRequest(3, TrainPlan(steps=2), 13, w), timeout=30)
+    finally:
+        session.close()
+
+
+# -- hostile bytes and stalls: bounded reads, trust edge cases (issue 12) ----------------------
+
+
+def test_a_bad_pid_line_and_a_stderr_flood_do_not_stop_the_pump(
+    lab: LabInfo, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 8 MiB on stderr is more than the channel's window: if the pump stopped, the remote
+    # command would block before `cat` and the echo below would never come.
+    caplog.set_level(logging.INFO, logger="fedcore.worker")
+    conn = connect(cfg(lab, "alice"), "mallory")
+    chan = conn.transport.open_session(timeout=30)
+    chan.exec_command(
+        "{ echo 'fedmnist-worker-pid 12x'; echo 'fedmnist-worker-pid 99999999999999'; "
+        "head -c 8388608 /dev/zero | tr '\\0' b; echo; echo after; } >&2; cat"
+    )
+    pipe = SSHPipe(chan, conn, "mallory", send_timeout=30)
+    try:
+        pipe.send(b"ping\n")
+        assert pipe.read_exact(5, 60) == b"ping\n"
+    finally:
+        pipe.close()
+    assert pipe.remote_pid is None
+    fwd = pipe.stderr
+    assert fwd.hook_errors == 2
+    msgs = [r.getMessage() for r in caplog.records if r.name == "fedcore.worker.mallory"]
+    bad = [m for m in msgs if "could not read" in m]
+    assert len(bad) == 1  # logged once
+    assert "BadPidLine" in bad[0] and "'fedmnist-worker-pid 12x'" in bad[0]
+    cut = [m for m in msgs if m.startswith("bbbb")]
+    assert len(cut) == 1 and f"[... {8388608 - 4096} more bytes of this line dropped" in cut[0]
+    assert "after" in msgs
+
+
+def test_setup_commands_have_a_byte_cap_and_a_deadline(lab: LabInfo) -> None:
+    conn = connect(cfg(lab, "alice"), "alice")
+    try:
+        with pytest.raises(RemoteSetupError, match="more than 65536 bytes to stdout"):
+            conn.run("head -c 1000000 /dev/zero", 60, max_output=65536)
+        with pytest.raises(RemoteSetupError, match="'alice'.*more than 65536 bytes to stderr"):
+            conn.run("yes >&2", 60, max_output=65536)
+        with pytest.raises(WorkerTimeout) as info:
+            conn.run("sleep 60", 1)
+        assert "'alice'" in str(info.value) and "did not finish within 1s" in str(info.value)
+        assert "command_timeout" in str(info.value)
+        assert conn.run("echo fine", 30) == (0, "fine\n", "")  # the connection still works
+    finally:
+        conn.close()
+    # Through the bootstrap: a `python` that prints for ever is stopped at the cap, one that
+    # never ends at the deadline (command_timeout).
+    scripts = {"flood": "exec yes", "stall": "exec sleep 20"}
+    for what, body in scripts.items():
+        script = Path(lab.lab_dir) / f"{what}-python"
+        script.write_text(f"#!/bin/sh\n{body}\n")
+        script.chmod(0o755)
+    exc = _hello_error(
+        cfg(lab, "alice", python=f"{lab.lab_dir}/flood-python"), launch(lab, "alice")
+    )
+    assert isinstance(exc, RemoteSetupError)
+    assert "'alice'" in str(exc) and "bytes to stdout" in str(exc)
+    exc = _hello_error(
+        cfg(lab, "alice", python=f"{lab.lab_dir}/stall-python", command_timeout=2),
+        launch(lab, "alice"),
+    )
+    assert isinstance(exc, WorkerTimeout) and "did not finish within 2s" in str(exc)
+
+
+def test_cert_authority_in_known_hosts_is_refused_naming_the_line(
+    lab: LabInfo, tmp_path: Path
+) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_text(
+        lab.known_hosts.read_text() + "@cert-authority *.example ssh-ed25519 AAAAC3Nz\n"
+    )
+    line = len(known.read_text().splitlines())
+    exc = _hello_error(cfg(lab, "alice", known_hosts=str(known)), launch(lab, "alice"))
+    assert isinstance(exc, UnsupportedKnownHosts) and isinstance(exc, HostKeyMismatch)
+    msg = str(exc)
+    assert f"{known} line {line} is a @cert-authority line" in msg and "not support" in msg
+    assert "Remove the line" in msg and "fedmnist workers trust alice" in msg
+    assert probe(cfg(lab, "alice", known_hosts=str(known)), "alice")["host_key"] == "unsupported"
+
+
+def test_a_revoked_host_key_is_refused_even_when_listed(lab: LabInfo, tmp_path: Path) -> None:
+    pub = Path(lab.lab_dir) / "hosts" / "alice" / "ssh_host_ed25519_key.pub"
+    keytype, b64 = pub.read_text().split()[:2]
+    known = tmp_path / "known_hosts"
+    known.write_text(lab.known_hosts.read_text() + f"@revoked * {keytype} {b64}\n")
+    line = len(known.read_text().splitlines())
+    c = cfg(lab, "alice", known_hosts=str(known))
+    exc = _hello_error(c, launch(lab, "alice"))
+    assert isinstance(exc, RevokedHostKey) and not isinstance(exc, WorkerUnreachable)
+    msg = str(exc)
+    assert f"{known} line {line} marks @revoked" in msg
+    assert _fingerprint_by_openssh(pub) in msg and "'alice'" in msg
+    with pytest.raises(RevokedHostKey, match=f"line {line} marks @revoked"):
+        trust(c, name="alice")
+    # Bob's key is not revoked: the same file still works for him.
+    bob = WorkerSession(launch(lab, "bob"), SSHTransport(cfg(lab, "bob", known_hosts=str(known))))
+    try:
+        assert bob.hello(timeout=120).worker == "bob"
+    finally:
+        bob.close()
+
+
+def test_a_private_key_others_can_read_is_refused(lab: LabInfo, tmp_path: Path) -> None:
+    key = tmp_path / "lab_key"
+    shutil.copyfile(lab.identity_file, key)
+    key.chmod(0o644)
+    exc = _hello_error(cfg(lab, "alice", identity_file=str(key)), launch(lab, "alice"))
+    assert isinstance(exc, UnprotectedPrivateKey) and isinstance(exc, SSHAuthFailed)
+    assert not exc.transient
+    msg = str(exc)
+    assert "UNPROTECTED PRIVATE KEY FILE" in msg and f"0644 for {key}" in msg
+    assert f"chmod 600 {key}" in msg and "'alice'" in msg
+    key.chmod(0o600)
+    session = WorkerSession(
+        launch(lab, "alice"), SSHTransport(cfg(lab, "alice", identity_file=str(key)))
+    )
+    try:
+        assert session.hello(timeout=120).worker == "alice"
+    finally:
+        session.close()
+
+
+def test_a_tampered_bundle_on_the_device_is_uploaded_again(lab: LabInfo) -> None:
+    c = cfg(lab, "charlie", remote_dir="~/.fedmnist-tamper-test")
+    first = SSHTransport(c, "charlie").bootstrap()
+    version, files = code_bundle()
+    assert first.version == version
+    wire = Path(first.code_dir) / "fedcore" / "wire.py"
+    with open(wire, "ab") as f:  # keeps the owner: the device's user could have done it
+        f.write(b"\nraise SystemExit('tampered')\n")
+    second = SSHTransport(c, "charlie").bootstrap()
+    assert second.uploaded is True and second.code_dir == first.code_dir
+    assert wire.read_bytes() == files["fedcore/wire.py"]
+    assert (
+        json.loads((Path(first.code_dir) / ".complete").read_text())["files"]["fedcore/wire.py"]
+        == hashlib.sha256(files["fedcore/wire.py"]).hexdigest()
+    )
+    code_root = Path(first.code_dir).parent
+    assert [p.name for p in code_root.iterdir() if p.name.startswith((".tmp-", ".old-"))] == []
+    assert SSHTransport(c, "charlie").bootstrap().uploaded is False  # intact now: left alone
+    session = WorkerSession(launch(lab, "charlie"), SSHTransport(c))
+    try:
+        assert session.hello(timeout=120).worker == "charlie"  # the restored code runs
     finally:
         session.close()

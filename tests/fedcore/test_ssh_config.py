@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fedcore.errors import ConfigError
 from fedcore.transport.base import Pipe
 from fedcore.transport.ssh.config import Endpoint, SSHConfig, split_jump
 from fedcore.transport.ssh.resolution import resolve
@@ -53,6 +54,24 @@ def test_resolve_applies_ssh_config_and_proxyjump(tmp_path: Path) -> None:
     assert device.port == 22
 
 
+@pytest.mark.parametrize(
+    "entry, named",
+    [
+        ("  HostName -oProxyCommand=touch_x\n", "HostName '-oProxyCommand=touch_x'"),
+        ("  HostName 10.0.0.7\n  User -x\n", "User '-x'"),
+        ("  HostName 10.0.0.7\n  ProxyJump ops@gate:22a\n", "22a"),
+    ],
+)
+def test_resolve_refuses_what_ssh_config_gives_that_is_not_a_name(
+    tmp_path: Path, entry: str, named: str
+) -> None:
+    conf = tmp_path / "config"
+    conf.write_text("Host jet\n" + entry)
+    with pytest.raises(ConfigError) as info:
+        resolve(SSHConfig(alias="jet", ssh_config=str(conf)))
+    assert str(conf) in str(info.value) and named in str(info.value)
+
+
 class ScriptedPipe(Pipe):
     """A pipe whose reads come from a script: bytes, b"" (end of stream) or TimeoutError."""
 
@@ -72,7 +91,7 @@ class ScriptedPipe(Pipe):
     def end_reason(self) -> str:
         return " (exit status 3)"
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, timeout: float | None = None) -> None:
         raise NotImplementedError
 
     def alive(self) -> bool:
@@ -105,3 +124,20 @@ def test_read_exact_timeout_names_the_pipe() -> None:
     with pytest.raises(TimeoutError):
         pipe.read_exact(1, 0.0)  # no time at all: no read is attempted
     assert pipe.asked == []
+
+
+def test_known_hosts_lines_paramiko_trips_on_are_skipped_not_raised(tmp_path: Path) -> None:
+    from fedcore.transport.ssh.knownhosts import load_known_hosts
+
+    good = "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+    known = tmp_path / "known_hosts"
+    known.write_text(
+        "# a comment\n"
+        "|1|bad|salt ssh-ed25519 " + good + "\n"  # paramiko's lookup asserts on this
+        "host-only-one-field\n"
+        "badkey ssh-ed25519 !!!notbase64\n"
+        "[10.0.0.5]:2222 ssh-ed25519 " + good + "\n"
+    )
+    loaded = load_known_hosts(known, "alice")
+    assert [host for host, _ in loaded.pairs] == ["[10.0.0.5]:2222"]
+    assert loaded.host_keys().lookup("[10.0.0.5]:2222") is not None

@@ -216,6 +216,8 @@ def test_fedavgm_without_momentum_at_lr_1_is_fedavg_on_the_real_net(
         {"name": "fedyogi", "weighting": "unweighted"},
         {"name": "fedadagrad", "weighting": "unweighted"},
         {"name": "fedprox", "weighting": "samples", "momentum": 0.5},
+        {"name": "median", "momentum": 0.7},
+        {"name": "clipped-mean", "weighting": "samples", "momentum": 0.7},
     ],
 )
 def test_state_dict_resumes_exactly(config: dict[str, object]) -> None:
@@ -341,6 +343,9 @@ EXAMPLES = [
         "momentum": 0.8,
         "nesterov": True,
     },
+    {"name": "median", "momentum": 0.5},
+    {"name": "trimmed-mean", "beta": 0.25},
+    {"name": "clipped-mean", "weighting": "samples", "bound": "median"},
 ]
 WORKERS = [{"name": "alice", "labels": [0, 1, 2, 3]}]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 
 import pytest
 import torch
@@ -131,3 +132,65 @@ def test_train_plan_from_network_refuses_unknown_fields_and_types() -> None:
         TrainPlan.from_dict({"steps": 1.5})
     with pytest.raises(WireError, match="steps >= 1"):
         TrainPlan.from_dict({"steps": 0})
+
+
+def test_json_depth_is_bounded_exactly_and_strings_do_not_count() -> None:
+    deepest: list = []
+    for _ in range(15):
+        deepest = [deepest]
+    assert wire.parse_json(b"[" * 16 + b"]" * 16, "x") == deepest
+    with pytest.raises(WireError, match="x is not valid JSON: its brackets nest deeper than 16"):
+        wire.parse_json(b"[" * 17 + b"]" * 17, "x")
+    brackets_in_text = b'{"a": "' + b"[{" * 1000 + b'\\"", "b": [1]}'
+    assert wire.parse_json(brackets_in_text, "x") == {"a": "[{" * 1000 + '"', "b": [1]}
+    with pytest.raises(WireError, match="do not pair up"):
+        wire.parse_json(b"[1, 2", "x")
+
+
+def test_numbers_from_a_peer_are_finite_bounded_and_typed() -> None:
+    assert wire.parse_json(b'{"a": -9223372036854775808, "b": 1.5e300}', "x") == {
+        "a": -(2**63),
+        "b": 1.5e300,
+    }
+    for raw, message in [
+        (b"[NaN]", "NaN is not a number"),
+        (b"[-Infinity]", "-Infinity is not a number"),
+        (b"[1e309]", "number 1e309 is not finite"),
+        (b"[123456789012345678901]", "number 123456789012345678901... has more than 20 digits"),
+    ]:
+        with pytest.raises(WireError, match=message):
+            wire.parse_json(raw, "x")
+    with pytest.raises(WireError, match=r"round must be an integer in 0\.\.9, got True"):
+        wire.integer(True, "round", 0, 9)
+    with pytest.raises(WireError, match="loss must be a finite number"):
+        wire.number(float("nan"), "loss")
+
+
+def test_tensor_header_at_the_cap_is_read_and_past_it_refused() -> None:
+    good = tensorcodec.dumps({"x": torch.ones(2)})
+    (n,) = struct.unpack("<Q", good[:8])
+    pad = tensorcodec.MAX_HEADER - n
+    at_cap = struct.pack("<Q", n + pad) + good[8 : 8 + n] + b" " * pad + good[8 + n :]
+    assert torch.equal(tensorcodec.loads(at_cap)[0]["x"], torch.ones(2))
+    over = struct.pack("<Q", n + pad + 8) + good[8 : 8 + n] + b" " * (pad + 8) + good[8 + n :]
+    with pytest.raises(WireError, match="tensor header announces 65544 bytes, limit 65536"):
+        tensorcodec.loads(over)
+
+
+def test_header_errors_name_the_tensor_and_quote_a_clipped_value() -> None:
+    text = b'{"big":{"dtype":"' + b"A" * 50_000 + b'","shape":[1],"data_offsets":[0,4]}}'
+    with pytest.raises(WireError) as err:
+        tensorcodec.loads(struct.pack("<Q", len(text)) + text + bytes(4))
+    message = str(err.value)
+    assert message.startswith("tensor 'big': dtype 'AAA") and "AAA...AAA" in message
+    assert message.endswith(
+        "is not one of ['BF16', 'BOOL', 'F16', 'F32', 'F64', 'I16', 'I32', 'I64', 'I8', 'U8']"
+    )
+    assert len(message) < 400
+
+
+def test_reply_limit_is_the_model_and_its_extra_groups() -> None:
+    w = initial_weights(1)
+    model_bytes = 431080 * 4  # the Net's parameters, float32
+    assert protocol.reply_limit(w, 0) == model_bytes + 8 + tensorcodec.MAX_HEADER
+    assert protocol.reply_limit(w, 1) == 2 * model_bytes + 8 + tensorcodec.MAX_HEADER

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +96,41 @@ def test_garbage_on_stdin_is_rejected_cleanly(mnist_dir: Path) -> None:
     meta, _ = wire.decode_frame(proc.stdout)
     assert meta["type"] == "error" and "magic" in meta["message"]
     assert b"rejected a bad frame" in proc.stderr
+
+
+def test_a_hostile_coordinator_gets_error_frames_not_a_crash(mnist_dir: Path) -> None:
+    """A crafted tensor header is answered with an error and the worker serves on (the frame
+    was read whole); metadata nested 100,000 deep is answered once, then the worker stops (the
+    payload after it was not read: the stream is out of step)."""
+    launch = WorkerLaunch("charlie", str(mnist_dir), ShardSpec.by_labels([9]), threads=1)
+    meta = {"type": "train", "round": 1, "plan": TrainPlan().to_dict(), "sample_seed": 1}
+    text = b'{"global/x":{"dtype":"F32","shape":[' + b"1," * 80_000 + b"1]}}"
+    header = struct.pack("<Q", len(text)) + text
+    nested = b"[" * 100_000 + b"]" * 100_000
+    frames = [
+        wire.encode_frame(meta, header),
+        protocol.encode_hello_request(),
+        wire.PREFIX.pack(wire.MAGIC, len(nested), 0) + nested,
+        protocol.encode_hello_request(),  # never read
+    ]
+    proc = subprocess.run(
+        [sys.executable, *launch.argv()],
+        input=b"".join(frames),
+        capture_output=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    read = wire.stream_reader(io.BytesIO(proc.stdout))
+    replies = [wire.read_frame(read)[0] for _ in range(3)]
+    assert [r["type"] for r in replies] == ["error", "hello", "error"]
+    assert replies[0]["error"] == "WireError"
+    assert replies[0]["message"].startswith(
+        f"tensor header announces {len(text)} bytes, limit 65536"
+    )
+    assert "nest deeper than 16 levels" in replies[2]["message"]
+    with pytest.raises(EOFError):
+        wire.read_frame(read)
 
 
 def test_evaluate_rejects_wrong_shapes(bob: WorkerSession) -> None:

@@ -219,6 +219,52 @@ def test_server_names_the_bad_field(stack: Stack, params: dict, field: str, reas
     assert f"Validation failed for field '{field}'" in detail and reason in detail, detail
 
 
+def _evil_script(tmp_path: Path) -> tuple[Path, Path]:
+    """An executable that leaves a marker when anything runs it."""
+    marker = tmp_path / "RAN"
+    script = tmp_path / "evil.sh"
+    script.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    script.chmod(0o755)
+    return script, marker
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("python", "overrides: 'workers.0.python' (= "),
+        ("name", "overrides: 'name' (= '../../..') cannot be set by a flow parameter"),
+        ("config_path", "is outside"),
+        ("resume", "is outside"),
+    ],
+)
+def test_a_run_cannot_choose_code_paths_or_names(
+    stack: Stack, tmp_path: Path, case: str, needle: str
+) -> None:
+    """Through the Prefect API, anyone on the host: a worker's interpreter, a name that walks out
+    of runs/, a config file or a run folder of their own. Each run fails before a worker starts,
+    with the field named; the script never runs and nothing is written outside runs/."""
+    script, marker = _evil_script(tmp_path)
+    evil_cfg = tmp_path / "evil.yaml"
+    text = (ROOT / "configs" / "smoke.yaml").read_text()
+    evil_cfg.write_text(text.replace("{name: alice,", f"{{name: alice, python: {script},"))
+    (tmp_path / "state.json").write_text(json.dumps({"round": 1, "config": {}}))
+    params = {
+        "python": [f'overrides={{"workers.0.python": "{script}"}}'],
+        "name": ['overrides={"name": "../../.."}'],
+        "config_path": [f"config_path={evil_cfg}"],
+        "resume": [f"resume={tmp_path}"],
+    }[case]
+    proc, run_id = stack.run_deployment("seed", *params)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    run = stack.get(f"/flow_runs/{run_id}")
+    assert run["state"]["type"] == "FAILED"
+    message = " ".join(run["state"]["message"].split())
+    assert "ConfigError" in message and needle in message, message
+    assert not stack.task_runs(run_id)  # no worker started
+    assert not marker.exists()
+    assert not list(stack.home.parent.glob("*.safetensors"))
+
+
 def test_seed_run_completes_with_the_expected_task_runs(stack: Stack, seed_run) -> None:
     proc, run_id = seed_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

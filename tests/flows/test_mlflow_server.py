@@ -4,6 +4,10 @@ back with the REST client, and the `champion` version loaded and scored again.
 Starts `mlflow server` (SQLite store, proxied artifacts, one worker) in its own process group and
 stops the group at the end, pass or fail. While it starts, a training against a closed port shows
 that a store that is down stops the training before round 1.
+
+The training's `tracking.uri` carries credentials (`http://ann:s3cret@...`; the server has no
+auth and ignores them): they are used to connect and appear nowhere in what is recorded or shown
+(params, config.json, tags, the summary, the output of the run and of `fedmnist models`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ MODELS = ("federated", "alice", "bob", "charlie")
 WORKERS = ("alice", "bob", "charlie")
 ROUNDS = [1, 2, 3]
 NAME = "federated-mnist-cnn"
+SECRET = "s3cret"
+
+
+def _with_creds(uri: str) -> str:
+    return uri.replace("http://", f"http://ann:{SECRET}@", 1)
 
 
 def _free_port() -> int:
@@ -137,7 +146,7 @@ def trained(server: Server, base: Path, mnist_dir: Path):
             "--rounds",
             "3",
             "--set",
-            f"tracking.uri={server.uri}",
+            f"tracking.uri={_with_creds(server.uri)}",
             "--set",
             f"data_dir={mnist_dir}",
             "--summary-json",
@@ -146,10 +155,12 @@ def trained(server: Server, base: Path, mnist_dir: Path):
         _env(home, base / "prefect"),
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert SECRET not in proc.stdout + proc.stderr
     summary = json.loads((home / "summary.json").read_text())
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
+    uri = _with_creds(server.uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     return summary, client, client.get_run(summary["mlflow_run_id"]), home
 
 
@@ -163,12 +174,13 @@ def test_a_server_that_is_down_stops_the_training_before_round_1(
     # Runs while the real server starts (the fixture starts it; this test does not wait for it).
     uri = f"http://127.0.0.1:{_free_port()}"  # closed: nothing listens there
     home = base / "down"
+    shown = uri.replace("http://", "http://***@")
     proc = _fedmnist(
         [
             "run",
             "configs/smoke.yaml",
             "--set",
-            f"tracking.uri={uri}",
+            f"tracking.uri={_with_creds(uri)}",
             "--set",
             f"data_dir={mnist_dir}",
         ],
@@ -176,7 +188,8 @@ def test_a_server_that_is_down_stops_the_training_before_round_1(
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-4000:]
-    assert f"MLflow tracking server {uri} is not reachable" in out
+    assert f"MLflow tracking server {shown} is not reachable" in out
+    assert SECRET not in out
     assert "mlflow server --backend-store-uri" in out and "tracking.enabled=false" in out
     assert "Training round 1/2" not in out
     assert not list(home.glob("runs/*/global-r*.safetensors"))
@@ -200,10 +213,13 @@ def test_run_is_named_tagged_and_has_the_config(trained) -> None:
     assert "#/metric?" in tags["mlflow.note.content"]
     p = run.data.params
     assert (p["rounds"], p["train.steps"], p["strategy.name"]) == ("3", "2", "mean")
-    assert p["tracking.uri"].startswith("http://127.0.0.1:")
+    assert p["tracking.uri"].startswith("http://***@127.0.0.1:")
     config = client.download_artifacts(run.info.run_id, "config.json", str(trained[3]))
     raw = json.loads(Path(config).read_text())
     assert raw["rounds"] == 3 and raw["data_dir"] == p["data_dir"]
+    assert raw["tracking"]["uri"] == p["tracking.uri"]
+    recorded = json.dumps([p, tags, raw, trained[0]], default=str)
+    assert SECRET not in recorded and "ann:" not in recorded
     text = json.dumps(raw, sort_keys=True)
     assert hashlib.sha256(text.encode()).hexdigest()[:12] == tags["config_hash"]
 
@@ -291,6 +307,8 @@ def test_champion_loaded_back_reproduces_its_logged_accuracy(trained, base, mnis
 
     listed = _fedmnist(["models", "list", "--tracking-uri", uri], env)
     assert listed.returncode == 0, listed.stderr
+    assert SECRET not in listed.stdout + listed.stderr + proc.stdout + proc.stderr
+    assert "in http://***@127.0.0.1:" in listed.stdout
     assert re.search(r"^\s+3\s+3\s+\d+\.\d\d%\s+\S*current", listed.stdout, re.M), listed.stdout
 
     out = home / "current.safetensors"

@@ -4,6 +4,8 @@ Agentless: a device needs only sshd and a Python with torch. One concern per mod
 
 - `config`: `SSHConfig` (a worker's `ssh:` settings) and `Endpoint` (one resolved hop);
 - `errors`: host key, login and device setup errors;
+- `knownhosts`: reading known_hosts (`@revoked` honoured, `@cert-authority` refused);
+- `commands`: remote commands and SFTP sessions with a total deadline and a byte cap;
 - `resolution`: ~/.ssh/config applied to a config, giving the hops (`resolve`);
 - `connection`: logging in through the hops, host key checks, short remote commands (`connect`);
 - `bundle`: the fedcore modules the worker imports, with a version hash;
@@ -40,8 +42,11 @@ if TYPE_CHECKING:  # the same names, for type checkers (`X as X`: an explicit re
     from .connection import fingerprint as fingerprint
     from .errors import ChangedHostKey as ChangedHostKey
     from .errors import RemoteSetupError as RemoteSetupError
+    from .errors import RevokedHostKey as RevokedHostKey
     from .errors import SSHAuthFailed as SSHAuthFailed
     from .errors import UnknownHostKey as UnknownHostKey
+    from .errors import UnprotectedPrivateKey as UnprotectedPrivateKey
+    from .errors import UnsupportedKnownHosts as UnsupportedKnownHosts
     from .hostkeys import TrustedKey as TrustedKey
     from .hostkeys import fetch_host_key as fetch_host_key
     from .hostkeys import probe as probe
@@ -69,8 +74,11 @@ _WHERE = {
     "fingerprint": "connection",
     "ChangedHostKey": "errors",
     "RemoteSetupError": "errors",
+    "RevokedHostKey": "errors",
     "SSHAuthFailed": "errors",
     "UnknownHostKey": "errors",
+    "UnprotectedPrivateKey": "errors",
+    "UnsupportedKnownHosts": "errors",
     "SSHPipe": "pipe",
     "resolve": "resolution",
     "SSHTransport": "transport",

@@ -1,25 +1,36 @@
 """Bootstrap a device: check its Python and torch, and ship the worker's code over SFTP.
 
 The bundle lands in `<remote_dir>/code/<version>/`: an unchanged version is never uploaded twice,
-and an upload goes to a temporary folder renamed into place, marked by a `.complete` file, so a
-half-upload never looks complete.
+and an upload goes to a temporary folder renamed into place, marked by a `.complete` file (the
+manifest: a sha256 per file), so a half-upload never looks complete. The version check sends the
+coordinator's own sha256 of every file, and the device recomputes them: a folder whose files were
+changed since is uploaded again (a bad copy replaced, never trusted for its marker).
+
+Every remote step is bounded: the check command has a total deadline and a byte cap
+(`Connection.run`), and the upload, from opening SFTP to the rename, has one deadline
+(`command_timeout`), each SFTP operation a timeout within it. What the check prints is validated
+field by field before use.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import re
 import secrets
 import shlex
 import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import paramiko
 
 from .bundle import code_bundle
+from .commands import open_sftp
 from .config import SSHConfig
 from .connection import Connection
 from .errors import RemoteSetupError
@@ -28,9 +39,10 @@ log = logging.getLogger("fedcore.transport.ssh")
 
 MIN_PYTHON = (3, 8)
 
-# Runs on the device's Python (any 3.x): reports versions without importing torch (fast).
+# Runs on the device's Python (any 3.x): reports versions without importing torch (fast), and
+# which files of the code folder differ from the sha256 the coordinator sent (argv[3], JSON).
 _CHECK = r"""
-import json, os, platform, sys
+import hashlib, json, os, platform, sys
 try:
     import importlib.util as u
     found = u.find_spec("torch") is not None
@@ -44,9 +56,22 @@ if found:
     except Exception:
         tv = "unknown"
 root = os.path.abspath(os.path.expanduser(sys.argv[1]))
+code = os.path.join(root, "code", sys.argv[2])
+def digest(path):
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(65536), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
+complete = os.path.isfile(os.path.join(code, ".complete"))
+stale = sorted(r for r, h in json.loads(sys.argv[3]).items()
+    if complete and digest(os.path.join(code, r)) != h)
 print(json.dumps({"python": platform.python_version(), "executable": sys.executable,
     "torch": tv, "home": os.path.expanduser("~"), "remote_dir": root,
-    "complete": os.path.isfile(os.path.join(root, "code", sys.argv[2], ".complete"))}))
+    "complete": complete, "stale": stale}))
 """
 
 _FIX_PYTHON = (
@@ -85,8 +110,9 @@ def bootstrap_device(conn: Connection, cfg: SSHConfig, name: str) -> BootstrapIn
     """
     start = time.monotonic()
     version, files = code_bundle()
+    hashes = {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
     ep = conn.endpoint
-    cmd = shlex.join([cfg.python, "-c", _CHECK, cfg.remote_dir, version])
+    cmd = shlex.join([cfg.python, "-c", _CHECK, cfg.remote_dir, version, json.dumps(hashes)])
     status, out, err = conn.run(cmd, cfg.command_timeout)
     if status in (126, 127):
         raise RemoteSetupError(
@@ -94,14 +120,13 @@ def bootstrap_device(conn: Connection, cfg: SSHConfig, name: str) -> BootstrapIn
             f"remote python {cfg.python!r} was not found or not executable on {ep} "
             f"({err.strip() or f'exit status {status}'}): {_FIX_PYTHON}",
         )
-    try:
-        found = json.loads(out.strip().splitlines()[-1])
-    except (ValueError, IndexError):
+    found = _parse_check(out, hashes)
+    if found is None:
         raise RemoteSetupError(
             name,
             f"remote python {cfg.python!r} on {ep} failed the version check (exit status "
-            f"{status}: {err.strip()[-500:] or out.strip()[-500:]}): {_FIX_PYTHON}",
-        ) from None
+            f"{status}: {err.strip()[-500:] or out.strip()[-500:]!r}): {_FIX_PYTHON}",
+        )
     pyver = tuple(int(p) for p in found["python"].split(".")[:2])
     if pyver < MIN_PYTHON:
         raise RemoteSetupError(
@@ -118,8 +143,16 @@ def bootstrap_device(conn: Connection, cfg: SSHConfig, name: str) -> BootstrapIn
         )
     code_dir = f"{found['remote_dir']}/code/{version}"
     uploaded = False
-    if not found["complete"]:
-        _upload(conn, cfg, name, found["remote_dir"], version, files)
+    if found["stale"]:
+        log.warning(
+            "%s: code %s on %s differs from this coordinator's in %s: uploading it again",
+            name,
+            version,
+            ep,
+            ", ".join(found["stale"]),
+        )
+    if not found["complete"] or found["stale"]:
+        _upload(conn, cfg, name, found["remote_dir"], version, files, hashes)
         uploaded = True
     info = BootstrapInfo(
         version=version,
@@ -142,6 +175,44 @@ def bootstrap_device(conn: Connection, cfg: SSHConfig, name: str) -> BootstrapIn
     return info
 
 
+def _parse_check(out: str, hashes: dict[str, str]) -> dict[str, Any] | None:
+    """The version check's report, every field checked (None: not a valid report)."""
+    lines = out.strip().splitlines()
+    try:
+        found = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        return None
+    fields = {"python": str, "executable": str, "home": str, "remote_dir": str, "complete": bool}
+    if not isinstance(found, dict) or any(
+        not isinstance(found.get(k), t) for k, t in fields.items()
+    ):
+        return None
+    stale = found.get("stale")
+    if (
+        not re.fullmatch(r"[0-9]{1,3}\.[0-9]{1,3}(\.[0-9a-z+]{1,16})?", found["python"])
+        or not isinstance(found.get("torch"), (str, type(None)))
+        or not isinstance(stale, list)
+        or any(s not in hashes for s in stale)  # only names we sent
+    ):
+        return None
+    return found
+
+
+class _Deadline:
+    """The upload's one deadline: each SFTP operation's timeout is what is left of it."""
+
+    def __init__(self, sftp: paramiko.SFTPClient, seconds: float) -> None:
+        self.sftp, self.seconds = sftp, seconds
+        self.end = time.monotonic() + seconds
+
+    def __call__(self) -> paramiko.SFTPClient:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the upload took more than {self.seconds:g}s")
+        self.sftp.get_channel().settimeout(left)  # type: ignore[union-attr]
+        return self.sftp
+
+
 def _upload(
     conn: Connection,
     cfg: SSHConfig,
@@ -149,40 +220,46 @@ def _upload(
     remote_dir: str,
     version: str,
     files: dict[str, bytes],
+    hashes: dict[str, str],
 ) -> None:
     root = f"{remote_dir}/code"
     final = f"{root}/{version}"
     tmp = f"{root}/.tmp-{version}-{secrets.token_hex(4)}"
     try:
-        sftp = conn.client.open_sftp()
+        sftp = open_sftp(conn.transport, cfg.command_timeout)
     except (paramiko.SSHException, OSError) as exc:
         raise RemoteSetupError(
             name,
-            f"cannot open SFTP on {conn.endpoint} ({exc}): enable the sftp Subsystem in the "
+            f"cannot open SFTP on {conn.endpoint} ({exc!r}): enable the sftp Subsystem in the "
             "device's sshd_config",
         ) from None
+    op = _Deadline(sftp, cfg.command_timeout)
     try:
-        sftp.get_channel().settimeout(cfg.command_timeout)
-        _makedirs(sftp, root)
-        sftp.mkdir(tmp, 0o755)
+        _makedirs(op, root)
+        op().mkdir(tmp, 0o755)
         for d in sorted({str(Path(rel).parent) for rel in files}):
-            sftp.mkdir(f"{tmp}/{d}", 0o755)
+            op().mkdir(f"{tmp}/{d}", 0o755)
         for rel, data in sorted(files.items()):
-            sftp.putfo(io.BytesIO(data), f"{tmp}/{rel}", file_size=len(data))
-        manifest = {"version": version, "files": sorted(files), "uploaded": time.time()}
-        sftp.putfo(io.BytesIO(json.dumps(manifest).encode()), f"{tmp}/.complete")
+            op().putfo(io.BytesIO(data), f"{tmp}/{rel}", file_size=len(data))
+        manifest = {"version": version, "files": hashes, "uploaded": time.time()}
+        op().putfo(io.BytesIO(json.dumps(manifest).encode()), f"{tmp}/.complete")
         try:
-            sftp.posix_rename(tmp, final)
+            op().posix_rename(tmp, final)
         except OSError:
-            if _exists(sftp, f"{final}/.complete"):
-                _rmtree(sftp, tmp)  # another session uploaded the same version first
-            else:  # a folder without .complete, not made by us: replace it
-                _rmtree(sftp, final)
-                sftp.posix_rename(tmp, final)
+            if _same_files(op, final, files):
+                _rmtree(op, tmp)  # another session uploaded the same version first
+            else:  # a folder not made by us, or changed since: move it aside, then replace it
+                old = f"{root}/.old-{version}-{secrets.token_hex(4)}"
+                op().posix_rename(final, old)
+                op().posix_rename(tmp, final)
+                try:
+                    _rmtree(op, old)
+                except (OSError, paramiko.SSHException) as exc:  # in place already: go on
+                    log.warning("%s: could not remove %s on %s: %r", name, old, conn.endpoint, exc)
         log.info("%s: uploaded %d modules to %s:%s", name, len(files), conn.endpoint, final)
     except (OSError, paramiko.SSHException) as exc:
         try:
-            _rmtree(sftp, tmp)
+            _rmtree(op, tmp)
         except (OSError, paramiko.SSHException):
             pass
         raise RemoteSetupError(
@@ -195,27 +272,44 @@ def _upload(
         sftp.close()
 
 
-def _exists(sftp: paramiko.SFTPClient, path: str) -> bool:
+def _exists(op: _Deadline, path: str) -> bool:
     try:
-        sftp.stat(path)
+        op().stat(path)
         return True
-    except OSError:
+    except FileNotFoundError:
         return False
 
 
-def _makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
+def _same_files(op: _Deadline, folder: str, files: dict[str, bytes]) -> bool:
+    """Whether `folder` is complete and holds exactly `files` (each read up to its size + 1)."""
+    if not _exists(op, f"{folder}/.complete"):
+        return False
+    for rel, data in files.items():
+        try:
+            with op().open(f"{folder}/{rel}", "rb") as f:
+                if f.read(len(data) + 1) != data:
+                    return False
+        except FileNotFoundError:
+            return False
+    return True
+
+
+def _makedirs(op: _Deadline, path: str) -> None:
     parts = path.split("/")
     for i in range(2, len(parts) + 1):
         sub = "/".join(parts[:i])
-        if sub and not _exists(sftp, sub):
-            sftp.mkdir(sub, 0o755)
+        if sub and not _exists(op, sub):
+            op().mkdir(sub, 0o755)
 
 
-def _rmtree(sftp: paramiko.SFTPClient, path: str) -> None:
-    for entry in sftp.listdir_attr(path):
+def _rmtree(op: _Deadline, path: str, depth: int = 0) -> None:
+    """Remove a folder this bootstrap made (the bundle is 2 levels deep; deeper is refused)."""
+    if depth > 4:
+        raise OSError(f"{path}: deeper than any folder the upload makes; not removed")
+    for entry in op().listdir_attr(path):
         child = f"{path}/{entry.filename}"
         if stat.S_ISDIR(entry.st_mode or 0):
-            _rmtree(sftp, child)
+            _rmtree(op, child, depth + 1)
         else:
-            sftp.remove(child)
-    sftp.rmdir(path)
+            op().remove(child)
+    op().rmdir(path)

@@ -1,24 +1,37 @@
 """Connect to a device over SSH, through its bastions (ProxyJump), and run short commands there.
 
 Host keys are verified against a known_hosts file with `paramiko.RejectPolicy` semantics: an
-unknown or changed key is a `HostKeyMismatch`, never retried and never silently accepted. Only keys
-log in (`identity_file`, the ssh-agent, ~/.ssh/id_*). A jump is a `direct-tcpip` channel opened on
+unknown, changed or `@revoked` key is a `HostKeyMismatch`, never retried and never silently
+accepted (`knownhosts` reads the file). Only keys log in (`identity_file`, the ssh-agent,
+~/.ssh/id_*), and a key file others can read is refused, as OpenSSH refuses it. Commands run with
+a total deadline and a byte cap (`commands`). A jump is a `direct-tcpip` channel opened on
 the previous hop's connection. `login_hops` is the one hop routine: `connect` logs in to bastions
 and device with it, `hostkeys.fetch_host_key` to the bastions only.
 """
 
 from __future__ import annotations
 
+import getpass
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import paramiko
 
-from ...errors import HostKeyMismatch, WorkerUnreachable
+from ...errors import HostKeyMismatch, WorkerTimeout, WorkerUnreachable
+from .commands import MAX_OUTPUT, OutputTooLarge, run_command
 from .config import Endpoint, SSHConfig
-from .errors import ChangedHostKey, SSHAuthFailed, UnknownHostKey
+from .errors import (
+    ChangedHostKey,
+    RemoteSetupError,
+    RevokedHostKey,
+    SSHAuthFailed,
+    UnknownHostKey,
+    UnprotectedPrivateKey,
+)
+from .knownhosts import KnownHosts, load_known_hosts
 from .resolution import resolve
 
 # AEAD ciphers first: paramiko's default (aes128-ctr + hmac-sha2-256) uploads about half as fast
@@ -30,10 +43,23 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 class _RejectUnknown(paramiko.RejectPolicy):
     """RejectPolicy that keeps the offered key, so the error can show its fingerprint."""
 
+    def __init__(self, known: KnownHosts) -> None:
+        self.known = known
+
     def missing_host_key(
         self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
     ) -> None:
+        line = self.known.revoked_line(key)
+        if line is not None:
+            raise _KeyRevoked(key, line)
         raise _KeyNotKnown(hostname, key)
+
+
+class _KeyRevoked(paramiko.SSHException):
+    def __init__(self, key: paramiko.PKey, line: int) -> None:
+        super().__init__("the host key is revoked")
+        self.key = key
+        self.line = line
 
 
 class _KeyNotKnown(paramiko.SSHException):
@@ -52,8 +78,21 @@ def _trust_hint(name: str) -> str:
 
 
 def _host_key_error(
-    name: str, ep: Endpoint, role: str, known_hosts: Path, exc: Exception
+    name: str, ep: Endpoint, role: str, known: KnownHosts, exc: Exception
 ) -> HostKeyMismatch:
+    known_hosts = known.path
+    if isinstance(exc, paramiko.BadHostKeyException) and known.revoked_line(exc.key):
+        exc = _KeyRevoked(exc.key, known.revoked_line(exc.key) or 0)
+    if isinstance(exc, _KeyRevoked):
+        fp = fingerprint(exc.key)
+        return RevokedHostKey(
+            name,
+            f"{role} {ep.known_hosts_name} offers the host key {exc.key.get_name()} {fp}, which "
+            f"{known_hosts} line {exc.line} marks @revoked: it must never be accepted. Someone "
+            "may hold the device's old key; check the device on its console and give it a new "
+            f"host key (`ssh-keygen -A` after removing the old ones), then {_trust_hint(name)}",
+            offered=fp,
+        )
     if isinstance(exc, _KeyNotKnown):
         fp = fingerprint(exc.key)
         where = "not in" if known_hosts.is_file() else "no file"
@@ -109,11 +148,16 @@ class Connection:
     """An authenticated SSH client to the device, and the bastion clients it runs through."""
 
     def __init__(
-        self, client: paramiko.SSHClient, bastions: list[paramiko.SSHClient], ep: Endpoint
+        self,
+        client: paramiko.SSHClient,
+        bastions: list[paramiko.SSHClient],
+        ep: Endpoint,
+        name: str = "worker",
     ):
         self.client = client
         self.bastions = bastions
         self.endpoint = ep
+        self.name = name
 
     @property
     def transport(self) -> paramiko.Transport:
@@ -127,28 +171,41 @@ class Connection:
             raise ConnectionError(f"SSH connection to {self.endpoint} is closed")
         return t
 
-    def run(self, command: str, timeout: float) -> tuple[int, str, str]:
+    def run(
+        self, command: str, timeout: float, max_output: int = MAX_OUTPUT
+    ) -> tuple[int, str, str]:
         """Run a short shell command on the device.
 
         Args:
             command: the shell command line.
-            timeout: seconds for opening the channel and for each read.
+            timeout: seconds for all of it: opening the channel, starting it, its output, its
+                exit status.
+            max_output: the most bytes of stdout, and of stderr, it may print.
 
         Returns:
-            (exit status, stdout, stderr), decoded as UTF-8 with replacement.
+            (exit status, stdout, stderr), decoded as UTF-8 with replacement; the status is -1
+            when the device sent none.
 
         Raises:
-            paramiko.SSHException, OSError (TimeoutError included), ConnectionError.
+            WorkerTimeout: the deadline passed.
+            RemoteSetupError: the command printed more than `max_output` bytes.
+            paramiko.SSHException, OSError, ConnectionError: the channel failed.
         """
-        chan = self.transport.open_session(timeout=timeout)
+        what = command if len(command) <= 60 else command[:57] + "..."
         try:
-            chan.settimeout(timeout)
-            chan.exec_command(command)
-            out = chan.makefile("rb").read()
-            err = chan.makefile_stderr("rb").read()
-            status = chan.recv_exit_status()
-        finally:
-            chan.close()
+            status, out, err = run_command(self.transport, command, timeout, max_output)
+        except TimeoutError as exc:
+            raise WorkerTimeout(
+                self.name,
+                f"the command `{what}` on {self.endpoint} did not finish within {timeout:g}s "
+                f"({exc}): check the device's load, or raise `command_timeout` in its ssh settings",
+            ) from None
+        except OutputTooLarge as exc:
+            raise RemoteSetupError(
+                self.name,
+                f"the command `{what}` on {self.endpoint} was stopped: {exc}. A setup command "
+                "prints a few lines; check the device's shell startup files and `python:`",
+            ) from None
         return status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
     def close(self) -> None:
@@ -176,10 +233,12 @@ def _connect_hop(
                 "create a key with `ssh-keygen -t ed25519 -f KEY` and install KEY.pub on the "
                 "device",
             )
+    for key in ep.identity_files or _default_keys():
+        _check_key_mode(key, name, role, ep)
+    known = load_known_hosts(known_hosts, name)
     client = paramiko.SSHClient()
-    if known_hosts.is_file():
-        client.load_system_host_keys(str(known_hosts))  # read-only: never written back
-    client.set_missing_host_key_policy(_RejectUnknown())
+    known.add_to(client.get_host_keys())  # no filename is set: never written back
+    client.set_missing_host_key_policy(_RejectUnknown(known))
     t = cfg.connect_timeout
     try:
         client.connect(
@@ -196,9 +255,9 @@ def _connect_hop(
             look_for_keys=not ep.identity_files,
             transport_factory=_transport_factory,
         )
-    except (_KeyNotKnown, paramiko.BadHostKeyException) as exc:
+    except (_KeyNotKnown, _KeyRevoked, paramiko.BadHostKeyException) as exc:
         client.close()
-        raise _host_key_error(name, ep, role, known_hosts, exc) from None
+        raise _host_key_error(name, ep, role, known, exc) from None
     except paramiko.AuthenticationException as exc:
         client.close()
         raise _auth_error(name, ep, role, exc) from None
@@ -228,6 +287,30 @@ def _connect_hop(
         if transport is not None:
             transport.set_keepalive(int(max(1, cfg.keepalive)))
     return client
+
+
+def _default_keys() -> list[str]:
+    """The ~/.ssh/id_* private keys paramiko tries when no identity_file is given."""
+    ssh_dir = Path("~/.ssh").expanduser()
+    names = ("id_rsa", "id_ecdsa", "id_ed25519", "id_dsa")
+    return [str(ssh_dir / n) for n in names if (ssh_dir / n).is_file()]
+
+
+def _check_key_mode(key: str, name: str, role: str, ep: Endpoint) -> None:
+    """Refuse a private key file that others can read, as OpenSSH does (`sshkey_perm_ok`: only a
+    key owned by this user is checked)."""
+    try:
+        st = os.stat(key)
+    except OSError:
+        return  # a missing default key is simply not tried
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == os.getuid() and mode & 0o077:
+        raise UnprotectedPrivateKey(
+            name,
+            f"UNPROTECTED PRIVATE KEY FILE: permissions {mode:04o} for {key} (the key for {role} "
+            f"{ep}) are too open; a private key must be readable by {getpass.getuser()} only. "
+            f"Run `chmod 600 {key}`",
+        )
 
 
 def tunnel(via: paramiko.SSHClient, ep: Endpoint, cfg: SSHConfig, name: str) -> paramiko.Channel:
@@ -293,4 +376,4 @@ def connect(cfg: SSHConfig, name: str) -> Connection:
     """
     bastions, device = resolve(cfg)
     clients = login_hops(cfg, name, [*bastion_hops(bastions), (device, "device")])
-    return Connection(clients[-1], clients[:-1], device)
+    return Connection(clients[-1], clients[:-1], device, name)

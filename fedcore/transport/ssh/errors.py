@@ -35,3 +35,24 @@ class SSHAuthFailed(WorkerError):
 
 class RemoteSetupError(WorkerFailed):
     """The device's Python, torch or work folder is not usable. Not transient."""
+
+
+class RevokedHostKey(HostKeyMismatch):
+    """The device offers a key that known_hosts marks `@revoked` (status 'revoked')."""
+
+    status = "revoked"
+
+    def __init__(self, worker: str, message: str, offered: str) -> None:
+        super().__init__(worker, message)
+        self.offered = offered
+
+
+class UnsupportedKnownHosts(HostKeyMismatch):
+    """known_hosts has a line this client cannot honour, e.g. `@cert-authority` (status
+    'unsupported'). Never retried: the file must change."""
+
+    status = "unsupported"
+
+
+class UnprotectedPrivateKey(SSHAuthFailed):
+    """A private key file others can read; refused as OpenSSH does. Not transient."""

@@ -23,7 +23,14 @@ import paramiko
 from ...errors import WorkerError, WorkerUnreachable
 from .config import Endpoint, SSHConfig
 from .connection import bastion_hops, connect, fingerprint, login_hops, tunnel
-from .errors import ChangedHostKey, SSHAuthFailed, UnknownHostKey
+from .errors import (
+    ChangedHostKey,
+    RevokedHostKey,
+    SSHAuthFailed,
+    UnknownHostKey,
+    UnsupportedKnownHosts,
+)
+from .knownhosts import load_known_hosts
 from .resolution import resolve
 
 log = logging.getLogger("fedcore.transport.ssh")
@@ -64,8 +71,11 @@ def probe(cfg: SSHConfig, name: str) -> dict[str, Any]:
         _, device = resolve(cfg)
         result["target"] = str(device)
         conn = connect(cfg, name)
-    except (UnknownHostKey, ChangedHostKey) as exc:
+    except (UnknownHostKey, ChangedHostKey, RevokedHostKey) as exc:
         result.update(reachable=True, host_key=exc.status, fingerprint=exc.offered, error=str(exc))
+        return result
+    except UnsupportedKnownHosts as exc:
+        result.update(host_key=exc.status, error=str(exc))
         return result
     except SSHAuthFailed as exc:
         result.update(reachable=True, host_key="trusted", error=str(exc))
@@ -169,7 +179,7 @@ def trust(
     verify, not to paper over.
 
     Raises:
-        ChangedHostKey, WorkerUnreachable.
+        ChangedHostKey, RevokedHostKey, UnsupportedKnownHosts, WorkerUnreachable.
     """
     path = Path(known_hosts_path or cfg.known_hosts).expanduser()
     keytype, key, fp = fetch_host_key(cfg, name)
@@ -183,10 +193,16 @@ def trust(
             offered=fp,
             expected=expected_fingerprint,
         )
-    known = paramiko.HostKeys()
-    if path.is_file():
-        known.load(str(path))
-    existing = known.lookup(entry) or {}
+    known_hosts = load_known_hosts(path, name)
+    line = known_hosts.revoked_line(key)
+    if line is not None:
+        raise RevokedHostKey(
+            name,
+            f"{entry} offers {keytype} {fp}, which {path} line {line} marks @revoked: it is "
+            "not trusted. Give the device a new host key, then trust again",
+            offered=fp,
+        )
+    existing = known_hosts.host_keys().lookup(entry) or {}
     for other in existing.values():
         if other == key:
             return TrustedKey(entry, keytype, fp, added=False)

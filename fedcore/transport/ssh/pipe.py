@@ -1,68 +1,74 @@
 """`SSHPipe`: a worker's stdin/stdout over one SSH channel; its stderr becomes log lines.
 
 The worker runs `exec`'d behind a shell that first writes `fedmnist-worker-pid <pid>` to stderr,
-so `close` can kill a worker that is still busy when the channel goes.
+so `close` can kill a worker that is still busy when the channel goes. The stderr goes through
+the bounded forwarder shared with the local pipe (`..stderr`); a pid line that is not a pid is
+logged once and ignored, and the draining goes on.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+import re
 import time
 
 import paramiko
 
 from ..base import Pipe
+from ..stderr import LOG_LIMITS, LogLimits, StderrForwarder, start_pump
 from .connection import Connection
+
+_PID_LINE = re.compile(r"fedmnist-worker-pid ([1-9][0-9]{0,9})")
+
+
+class BadPidLine(ValueError):
+    """The first `fedmnist-worker-pid` line does not hold a pid."""
 
 
 class SSHPipe(Pipe):
     """The worker's stdin/stdout over one SSH channel; its stderr goes to the log."""
 
-    def __init__(self, chan: paramiko.Channel, conn: Connection, name: str, send_timeout: float):
+    def __init__(
+        self,
+        chan: paramiko.Channel,
+        conn: Connection,
+        name: str,
+        send_timeout: float,
+        log_limits: LogLimits = LOG_LIMITS,
+    ):
         self._chan = chan
         self._conn = conn
         self._send_timeout = send_timeout
         self.remote_pid: int | None = None
         self.description = f"ssh worker {name} ({conn.endpoint})"
-        self._log = logging.getLogger(f"fedcore.worker.{name}")
-        self._stderr_thread = threading.Thread(
-            target=self._pump_stderr, name=f"ssh-stderr-{name}", daemon=True
+        self.stderr = StderrForwarder(
+            logging.getLogger(f"fedcore.worker.{name}"), log_limits, hook=self._pid_line
         )
-        self._stderr_thread.start()
+        self._stderr_thread = start_pump(
+            f"ssh-stderr-{name}", lambda: chan.recv_stderr(32768), self.stderr
+        )
 
-    def _pump_stderr(self) -> None:
-        buf = b""
-        while True:
-            try:
-                chunk = self._chan.recv_stderr(32768)
-            except TimeoutError:  # read_available set a timeout on the shared channel: keep going
-                continue
-            except Exception:
-                break
-            if not chunk:
-                break
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for raw in lines:
-                self._line(raw.decode("utf-8", "replace").rstrip())
-        if buf.strip():
-            self._line(buf.decode("utf-8", "replace").rstrip())
+    def _pid_line(self, text: str) -> bool:
+        """Take the first `fedmnist-worker-pid N` line (True: consumed, not logged).
 
-    def _line(self, text: str) -> None:
-        if self.remote_pid is None and text.startswith("fedmnist-worker-pid "):
-            self.remote_pid = int(text.split()[1])
-            return
-        self._log.info(text)
+        Raises:
+            BadPidLine: that line holds no pid (the forwarder logs it once and goes on).
+        """
+        if self.remote_pid is not None or not text.startswith("fedmnist-worker-pid"):
+            return False
+        found = _PID_LINE.fullmatch(text)
+        if found is None:
+            raise BadPidLine(f"{text[:80]!r} is not `fedmnist-worker-pid <pid>`")
+        self.remote_pid = int(found.group(1))
+        return True
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, timeout: float | None = None) -> None:
+        seconds = self._send_timeout if timeout is None else timeout
         try:
-            self._chan.settimeout(self._send_timeout)
+            self._chan.settimeout(seconds)
             self._chan.sendall(data)
         except TimeoutError:
-            raise TimeoutError(
-                f"{self.description} took no input for {self._send_timeout:.0f}s"
-            ) from None
+            raise TimeoutError(f"{self.description} took no input for {seconds:g}s") from None
         except (OSError, EOFError, paramiko.SSHException) as exc:
             raise ConnectionError(f"{self.description} is gone: {exc}") from None
 
@@ -108,3 +114,4 @@ class SSHPipe(Pipe):
         finally:
             self._chan.close()
             self._conn.close()
+            self._stderr_thread.join(1.0)  # the forwarder reports what it dropped

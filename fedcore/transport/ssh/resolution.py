@@ -1,7 +1,9 @@
 """Resolve an `SSHConfig` to its hops, applying ~/.ssh/config as OpenSSH would.
 
 HostName, Port, User, IdentityFile and ProxyJump are honoured; a `port` given in the config wins
-over ssh_config's Port, as `ssh -p` does.
+over ssh_config's Port, as `ssh -p` does. Every host and user name that comes out of ssh_config is
+held to the same patterns as the inventory's own (a name starting with '-' or holding shell
+characters never reaches a connection).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from pathlib import Path
 
 import paramiko
 
-from .config import Endpoint, SSHConfig, split_jump
+from ...errors import ConfigError
+from .config import Endpoint, SSHConfig, check_host, check_user, split_jump
 
 
 def _read_ssh_config(path: str) -> paramiko.SSHConfig:
@@ -29,8 +32,20 @@ def resolve(cfg: SSHConfig) -> tuple[list[Endpoint], Endpoint]:
         (the bastions in the order they are crossed, the device).
 
     Raises:
-        ValueError: a ProxyJump entry has a port that is not a number.
+        ConfigError: ssh_config gives a host or user name that is not one, or a ProxyJump entry
+            has a port that is not a number (the file and the value are named).
     """
+    try:
+        bastions, device = _resolve(cfg)
+        for ep in (*bastions, device):
+            check_host(ep.host, "HostName")
+            check_user(ep.user, "User")
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.ssh_config}, for {cfg.alias or cfg.host!r}: {exc}") from None
+    return bastions, device
+
+
+def _resolve(cfg: SSHConfig) -> tuple[list[Endpoint], Endpoint]:
     conf = _read_ssh_config(cfg.ssh_config)
     name = cfg.alias or cfg.host or ""
     opts = conf.lookup(name)

@@ -13,7 +13,9 @@ import paramiko
 
 from ...errors import WorkerUnreachable
 from ..base import Transport, WorkerLaunch
+from ..stderr import LOG_LIMITS, LogLimits
 from .bootstrap import BootstrapInfo, bootstrap_device
+from .commands import within
 from .config import SSHConfig
 from .connection import connect
 from .pipe import SSHPipe
@@ -22,9 +24,12 @@ from .pipe import SSHPipe
 class SSHTransport(Transport):
     """Start workers on a device over SSH, shipping their code first (agentless)."""
 
-    def __init__(self, cfg: SSHConfig, name: str | None = None) -> None:
+    def __init__(
+        self, cfg: SSHConfig, name: str | None = None, log_limits: LogLimits = LOG_LIMITS
+    ) -> None:
         self.cfg = cfg
         self.name = name or cfg.alias or cfg.host or "worker"
+        self.log_limits = log_limits
         self.last_bootstrap: BootstrapInfo | None = None
 
     def bootstrap(self) -> BootstrapInfo:
@@ -64,7 +69,13 @@ class SSHTransport(Transport):
             info = bootstrap_device(conn, self.cfg, name)
             self.last_bootstrap = info
             chan = conn.transport.open_session(timeout=self.cfg.connect_timeout)
-            chan.exec_command(self.worker_command(launch, info))
+            command = self.worker_command(launch, info)
+            within(
+                chan,
+                self.cfg.command_timeout,
+                "starting the worker",
+                lambda: chan.exec_command(command),
+            )
         except (paramiko.SSHException, OSError) as exc:
             conn.close()
             raise WorkerUnreachable(
@@ -73,4 +84,6 @@ class SSHTransport(Transport):
         except BaseException:
             conn.close()
             raise
-        return SSHPipe(chan, conn, name, send_timeout=self.cfg.command_timeout)
+        return SSHPipe(
+            chan, conn, name, send_timeout=self.cfg.command_timeout, log_limits=self.log_limits
+        )

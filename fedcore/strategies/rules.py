@@ -1,0 +1,137 @@
+"""Combine rules: how a round's checked models become one model, before any server optimizer.
+
+`FedOpt` (fedopt.py) averages with its weighting unless it holds one of the robust rules below;
+a server optimizer, when there is one, then steps on global - combined as it would on the mean.
+Every rule works on the models w_i; the median and the trimmed mean are translation invariant,
+so they equal global + the same rule over the deltas w_i - global.
+
+- `CoordinateMedian`: Yin, Chen, Ramchandran, Bartlett, 2018, "Byzantine-Robust Distributed
+  Learning: Towards Optimal Statistical Rates" (ICML), the coordinate-wise median: each
+  coordinate of the result is the median of that coordinate over the updates (for an even count
+  the mean of the two middle values: two updates give their mean, which no rule can do better
+  with, one of two being possibly hostile). Unweighted, as in the paper: a count a worker
+  reports cannot buy it a larger say.
+- `TrimmedMean`: the same paper's coordinate-wise beta-trimmed mean: per coordinate, drop the
+  floor(beta n) largest and as many smallest values and average the rest; robust to a beta
+  fraction of hostile updates (beta in [0, 1/2)). With n = 3 and beta = 1/3 one value is dropped
+  at each end (the median); with n = 2 nothing can be dropped and it is the mean.
+- `ClippedMean`: Sun, Kairouz, Suresh, McMahan, 2019, "Can You Really Backdoor Federated
+  Learning?" (arXiv:1911.07963), norm difference clipping: each update's delta w_i - global is
+  scaled down to norm at most M before the weighted mean, so that no single worker can move the
+  model further than M, however far it "boosts" its update. M is a number, or `median`: the
+  median of the round's delta norms (a bound derived from the round, as honest distances shrink
+  over training; with a majority of honest updates the median is an honest distance). Clipping
+  bounds how FAR a hostile update moves the model, not in which DIRECTION: a sign-flipped update
+  of honest size passes it unchanged (the median and the trimmed mean drop it).
+
+Each rule also gives its parameters for the training's record (`params`).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ..model import Weights
+from ..protocol import Update
+from .aggregate import (
+    clip_to_norm,
+    coordinate_median,
+    median,
+    trim_count,
+    trimmed_mean,
+    update_norm,
+    weighted_mean,
+)
+from .weighting import Weighting, coefficients
+
+log = logging.getLogger(__name__)
+
+YIN_2018 = "Yin et al. 2018, Byzantine-Robust Distributed Learning (ICML)"
+SUN_2019 = "Sun et al. 2019, Can You Really Backdoor Federated Learning? (arXiv:1911.07963)"
+
+
+class CombineRule(abc.ABC):
+    """A robust replacement for the weighted mean of a round's models."""
+
+    @abc.abstractmethod
+    def combine(
+        self,
+        weighting: Weighting,
+        global_weights: Mapping[str, torch.Tensor],
+        updates: Sequence[Update],
+    ) -> Weights:
+        """One model from the round's updates (at least one, all checked)."""
+
+    @abc.abstractmethod
+    def params(self) -> dict[str, object]:
+        """The rule and its parameters, for the record."""
+
+
+class CoordinateMedian(CombineRule):
+    """Coordinate-wise median (Yin et al. 2018); ignores the weighting (it is "unweighted")."""
+
+    def combine(
+        self,
+        weighting: Weighting,
+        global_weights: Mapping[str, torch.Tensor],
+        updates: Sequence[Update],
+    ) -> Weights:
+        return coordinate_median([u.weights for u in updates])
+
+    def params(self) -> dict[str, object]:
+        return {"rule": "coordinate-median", "paper": YIN_2018}
+
+
+class TrimmedMean(CombineRule):
+    """Coordinate-wise beta-trimmed mean (Yin et al. 2018).
+
+    Raises:
+        ValueError: beta outside [0, 0.5).
+    """
+
+    def __init__(self, beta: float) -> None:
+        trim_count(1, beta)  # refuses a beta outside [0, 0.5) now, not in round 1
+        self.beta = beta
+
+    def combine(
+        self,
+        weighting: Weighting,
+        global_weights: Mapping[str, torch.Tensor],
+        updates: Sequence[Update],
+    ) -> Weights:
+        return trimmed_mean([u.weights for u in updates], self.beta)
+
+    def params(self) -> dict[str, object]:
+        return {"rule": "coordinate-trimmed-mean", "beta": self.beta, "paper": YIN_2018}
+
+
+class ClippedMean(CombineRule):
+    """Each delta clipped to norm `bound` (a number, or "median": the round's median delta
+    norm), then the weighted mean (Sun et al. 2019)."""
+
+    def __init__(self, bound: float | str) -> None:
+        if bound != "median" and not (isinstance(bound, float | int) and bound > 0):
+            raise ValueError(f"clipping bound must be 'median' or a number > 0, got {bound!r}")
+        self.bound = bound
+
+    def combine(
+        self,
+        weighting: Weighting,
+        global_weights: Mapping[str, torch.Tensor],
+        updates: Sequence[Update],
+    ) -> Weights:
+        norms = [update_norm(u.weights, global_weights) for u in updates]
+        bound = median(norms) if self.bound == "median" else float(self.bound)
+        clipped = []
+        for u, norm in zip(updates, norms, strict=True):
+            if norm > bound:
+                log.info("clipped %s's update from norm %.4g to %.4g", u.worker, norm, bound)
+            clipped.append(clip_to_norm(u.weights, global_weights, norm, bound))
+        return weighted_mean(clipped, coefficients(weighting, updates))
+
+    def params(self) -> dict[str, object]:
+        return {"rule": "norm-clipped-mean", "bound": self.bound, "paper": SUN_2019}

@@ -1,0 +1,117 @@
+"""The robust rules against hand-computed numbers: median, trimmed mean and clipped mean each give
+what the paper's formula gives, and nothing a mean would."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from fedcore.errors import UpdateRejected
+from fedcore.protocol import Update
+from fedcore.strategies import StrategyConfig, build_strategy
+from fedcore.strategies.aggregate import (
+    clip_to_norm,
+    coordinate_median,
+    trim_count,
+    trimmed_mean,
+)
+from fedcore.training import TrainMetrics
+
+
+def _u(worker: str, values: list[float], n: int = 1) -> Update:
+    return Update(worker, 1, {"w": torch.tensor(values)}, n, TrainMetrics(0.0, n, 1, 0.0))
+
+
+def _agg(config: dict, values: list[list[float]], start: list[float], ns=None) -> list[float]:
+    s = StrategyConfig.model_validate(config).root.build()
+    ups = [_u(f"w{i}", v, (ns or [1] * len(values))[i]) for i, v in enumerate(values)]
+    return s.aggregate(1, {"w": torch.tensor(start)}, ups, [])["w"].tolist()
+
+
+ONE_OUTLIER = [[1.0], [2.0], [100.0]]
+
+
+def test_median_and_trimmed_mean_of_one_outlier() -> None:
+    assert _agg({"name": "median"}, ONE_OUTLIER, [0.0]) == [2.0]
+    assert _agg({"name": "trimmed-mean", "beta": 1 / 3}, ONE_OUTLIER, [0.0]) == [2.0]
+    assert _agg({"name": "trimmed-mean"}, ONE_OUTLIER, [0.0]) == [2.0]  # default beta 1/3
+    assert _agg({"name": "trimmed-mean", "beta": 0.2}, ONE_OUTLIER, [0.0]) == pytest.approx(
+        [103 / 3]  # floor(0.2 x 3) = 0: nothing trimmed, the mean
+    )
+    assert _agg({"name": "mean"}, ONE_OUTLIER, [0.0]) == pytest.approx([103 / 3])
+
+
+def test_rules_are_coordinate_wise_and_keep_dtype() -> None:
+    models = [{"w": torch.tensor([1.0, 10.0])}, {"w": torch.tensor([2.0, 20.0])}]
+    models.append({"w": torch.tensor([100.0, -5.0])})
+    assert coordinate_median(models)["w"].tolist() == [2.0, 10.0]
+    assert trimmed_mean(models, 1 / 3)["w"].tolist() == [2.0, 10.0]
+    half = [{"w": torch.tensor([1.0], dtype=torch.float16)}, {"w": torch.tensor([4.0]).half()}]
+    out = coordinate_median(half)["w"]
+    assert out.dtype == torch.float16 and out.item() == 2.5  # even count: the middle two's mean
+
+
+def test_even_counts_and_trim_counts() -> None:
+    four = [[1.0], [2.0], [3.0], [100.0]]
+    assert _agg({"name": "median"}, four, [0.0]) == [2.5]
+    assert _agg({"name": "trimmed-mean", "beta": 0.25}, four, [0.0]) == [2.5]  # drops 1 and 100
+    assert _agg({"name": "median"}, [[1.0], [3.0]], [0.0]) == [2.0]  # two: their mean
+    assert [trim_count(n, 1 / 3) for n in (1, 2, 3, 4, 6, 9)] == [0, 0, 1, 1, 2, 3]
+    assert trim_count(4, 0.49) == 1  # never leaves nothing to average
+    with pytest.raises(ValueError, match="0 <= beta < 0.5"):
+        trim_count(3, 0.5)
+
+
+def test_clipped_mean_by_hand() -> None:
+    # start 0: update norms 1, 2, 100; median 2 -> the 100 becomes 2: (1 + 2 + 2) / 3
+    assert _agg(
+        {"name": "clipped-mean", "weighting": "unweighted"}, ONE_OUTLIER, [0.0]
+    ) == pytest.approx([5 / 3])
+    # clipping comes before the weighting: (1 x 1 + 2 x 1 + 2 x 2) / 4
+    assert _agg(
+        {"name": "clipped-mean", "weighting": "samples"}, ONE_OUTLIER, [0.0], [1, 1, 2]
+    ) == pytest.approx([7 / 4])
+    # a fixed bound M = 0.5 around the start 1: deltas 0, 1, 99 -> 0, 0.5, 0.5
+    assert _agg(
+        {"name": "clipped-mean", "weighting": "unweighted", "bound": 0.5}, ONE_OUTLIER, [1.0]
+    ) == pytest.approx([1 + 1 / 3])
+    # a delta of norm 5 in 2-D clipped to 2.5 keeps its direction
+    out = clip_to_norm({"w": torch.tensor([3.0, 4.0])}, {"w": torch.zeros(2)}, 5.0, 2.5)
+    assert out["w"].tolist() == pytest.approx([1.5, 2.0])
+    inside = {"w": torch.tensor([0.3, 0.4])}
+    assert clip_to_norm(inside, {"w": torch.zeros(2)}, 0.5, 2.5)["w"] is inside["w"]
+
+
+def test_median_composes_with_server_momentum() -> None:
+    s = StrategyConfig.model_validate({"name": "median", "momentum": 0.9}).root.build()
+    x1 = s.aggregate(1, {"w": torch.tensor([0.0])}, [_u("a", [1.0]), _u("b", [2.0])], [])
+    assert x1["w"].item() == pytest.approx(1.5)  # first SGD step: the median itself
+    ups = [_u("a", [3.0]), _u("b", [4.0]), _u("c", [-50.0])]
+    x2 = s.aggregate(2, x1, ups, [])  # median 3; g = 1.5 - 3; buf = 0.9 x -1.5 + -1.5
+    assert x2["w"].item() == pytest.approx(1.5 + 0.9 * 1.5 + 1.5)
+
+
+def test_configs_name_their_rule_and_refuse_what_does_not_fit() -> None:
+    assert build_strategy("median").params()["rule"] == "coordinate-median"
+    params = build_strategy("trimmed-mean").params()
+    assert params["beta"] == pytest.approx(1 / 3) and "Yin et al. 2018" in str(params["paper"])
+    clipped = StrategyConfig.model_validate({"name": "clipped-mean", "weighting": "samples"})
+    assert "Sun et al. 2019" in str(clipped.root.build().params()["paper"])
+    for bad in (
+        {"name": "trimmed-mean", "beta": 0.5},
+        {"name": "median", "weighting": "samples"},  # a count would buy a say again
+        {"name": "clipped-mean"},  # the weighting is always named
+        {"name": "clipped-mean", "weighting": "unweighted", "bound": 0},
+        {"name": "median", "momentun": 0.9},
+    ):
+        with pytest.raises(ValidationError):
+            StrategyConfig.model_validate(bad)
+
+
+def test_robust_strategies_check_counts_too() -> None:
+    for name in ("median", "trimmed-mean"):
+        with pytest.raises(UpdateRejected, match="num_examples -12000"):
+            build_strategy(name).aggregate(
+                1, {"w": torch.zeros(1)}, [_u("a", [1.0]), _u("b", [2.0], -12000)], []
+            )
