@@ -67,7 +67,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 RUNS = [("mean", "none"), ("median", "none")]
 RUNS += [(s, a) for a in ("scale", "signflip") for s in list(STRATEGIES)[:4]]
 RUNS += [("mean", "boost"), ("clipped-mean", "boost")]
-RUNS += [("fedavgm-0.5", "none"), ("median+m0.5", "signflip")]
+RUNS += [("fedavgm-0.5", "none"), ("median+m0.5", "signflip"), ("median+m0.5", "scale")]
 SCORED = (10, 20, 30, 40)
 
 
@@ -141,12 +141,28 @@ def table(runs: list[dict[str, Any]], rounds: int, reference: float | None) -> l
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=10, help="batches per worker-round")
-    parser.add_argument("--data-dir", default=str(ROOT / ".fedmnist" / "data" / "mnist"))
-    parser.add_argument("--only", default="", help="strategy/attack pairs, comma-separated")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/robust_accuracy.md"))
-    parser.add_argument("--reuse", action="store_true", help="keep the runs the .json has")
+    parser.add_argument("--rounds", type=int, default=40, help="rounds per run (default: 40)")
+    parser.add_argument(
+        "--steps", type=int, default=10, help="batches per worker-round (default: 10)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=str(ROOT / ".fedmnist" / "data" / "mnist"),
+        help="MNIST directory (default: .fedmnist/data/mnist)",
+    )
+    parser.add_argument(
+        "--only", default="", help="strategy/attack pairs, comma-separated (default: all)"
+    )
+    parser.add_argument(
+        "--out",
+        default=str(ROOT / "benchmarks/results/robust_accuracy.md"),
+        help="the table (default: benchmarks/results/robust_accuracy.md, and its .json)",
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the runs the .json already has (default: run all again)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     budget = {"rounds": args.rounds, "train.steps": args.steps}
