@@ -133,6 +133,10 @@ def start_sshd(host_dir: Path, config: Path) -> int:
         if done.returncode != 0:
             break
         time.sleep(0.02)
+    # An sshd that started but did not answer in time must not outlive this attempt.
+    words = pid_file.read_text().split() if pid_file.is_file() else []
+    if words and words[0].isdigit():
+        stop_sshd(int(words[0]), str(config), hard=True)
     tail = log_file.read_text()[-1500:] if log_file.is_file() else ""
     raise LabError(
         f"sshd with {config} did not start on 127.0.0.1:{port} (exit status {done.returncode}): "
