@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .shards import ShardSpec
 from .strategies import StrategyConfig
 from .training import TrainPlan
-from .transport.ssh.config import Command, SSHConfig
+from .transport.ssh.config import Command, SSHConfig, matching
 from .yamlfile import load_yaml_file
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -34,12 +34,12 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def check_name(value: str) -> str:
     """`value` when it is a safe name (see the module docstring), else ValueError with the fix."""
-    if not NAME.match(value):
-        raise ValueError(
-            f"name {value!r} is not allowed: use 1-64 letters, digits, '_', '.', '-', starting "
-            "with a letter or digit (it becomes a file name and a command-line argument)"
-        )
-    return value
+    return matching(
+        NAME,
+        value,
+        f"name {value!r} is not allowed: use 1-64 letters, digits, '_', '.', '-', starting "
+        "with a letter or digit (it becomes a file name and a command-line argument)",
+    )
 
 
 Name = Annotated[str, AfterValidator(check_name)]

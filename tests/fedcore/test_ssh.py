@@ -3,6 +3,9 @@
 Every device is an sshd on 127.0.0.1 with its own host key, Linux user and shard (fedlab).
 Nothing is mocked: host keys, logins, the agentless bootstrap over SFTP and the worker program all
 run for real. Skipped, with the reason, where sshd cannot be installed or started.
+
+Over 400 lines on purpose: every test shares one module-wide lab (four sshd devices, their users
+and shards), so splitting the module would build the lab twice.
 """
 
 from __future__ import annotations

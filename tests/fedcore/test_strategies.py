@@ -2,6 +2,9 @@
 
 Every expected value below is worked out by hand in the comments (never with torch.optim), on
 one-element tensors whose numbers make a wrong formula visible.
+
+Over 400 lines on purpose: one table of hand-worked cases per composed strategy, kept together so
+a change in the shared composition shows up beside every strategy it touches.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ PREFECT_HOME) and `fedmnist serve` (the deployments of configs/deployments.yaml)
 process groups and stopped at the end even when a test fails. Runs are created with the real
 `prefect deployment run ... --watch`; what they left behind is read back through the Prefect REST
 API (task runs, artifacts, logs) and with MlflowClient from the run's SQLite store.
+
+Over 400 lines on purpose: every test shares that one module-wide stack (starting it costs most of
+a minute), so splitting the module would start the servers twice.
 """
 
 from __future__ import annotations

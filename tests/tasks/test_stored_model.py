@@ -108,16 +108,7 @@ def test_tampered_code_and_mlmodel_never_run(tmp_path: Path, mnist_dir: Path, st
     assert marker.exists()
     marker.unlink()
 
-    proc = _fedmnist(
-        "models",
-        "evaluate",
-        "1",
-        "--tracking-uri",
-        uri,
-        "--data-dir",
-        str(mnist_dir),
-        home=tmp_path,
-    )
+    proc = _evaluate_version_1(uri, mnist_dir, tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert not marker.exists()
@@ -130,6 +121,12 @@ def test_tampered_code_and_mlmodel_never_run(tmp_path: Path, mnist_dir: Path, st
     assert proc.returncode == 0, proc.stderr
     assert not marker.exists()
     assert exported.read_bytes() == (model_dir / "artifacts" / "weights.safetensors").read_bytes()
+
+
+def _evaluate_version_1(uri: str, mnist_dir: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    """`fedmnist models evaluate 1` against the store at `uri`."""
+    argv = ["models", "evaluate", "1", "--tracking-uri", uri, "--data-dir", str(mnist_dir)]
+    return _fedmnist(*argv, home=home)
 
 
 def test_a_replaced_weights_file_is_refused_by_its_hash(
@@ -146,16 +143,7 @@ def test_a_replaced_weights_file_is_refused_by_its_hash(
     assert "changed after registration" in msg and "register the round again" in msg
     assert err.value.transient is False
 
-    proc = _fedmnist(
-        "models",
-        "evaluate",
-        "1",
-        "--tracking-uri",
-        uri,
-        "--data-dir",
-        str(mnist_dir),
-        home=tmp_path,
-    )
+    proc = _evaluate_version_1(uri, mnist_dir, tmp_path)
     assert proc.returncode == 1
     assert "error:" in proc.stderr and "changed after registration" in proc.stderr
 

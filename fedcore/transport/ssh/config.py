@@ -27,6 +27,13 @@ ALIAS = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 COMMAND = re.compile(r"^[A-Za-z0-9_./~+][A-Za-z0-9_./~+-]{0,255}$")  # a program name or path
 
 
+def matching(pattern: re.Pattern[str], value: str, refusal: str) -> str:
+    """`value` when `pattern` matches it, else ValueError(`refusal`)."""
+    if not pattern.match(value):
+        raise ValueError(refusal)
+    return value
+
+
 def check_host(value: str, field: str = "host") -> str:
     """`value` when it is a DNS name or an IP address, else ValueError naming field and fix."""
     try:
@@ -34,43 +41,42 @@ def check_host(value: str, field: str = "host") -> str:
         return value
     except ValueError:
         pass
-    if not HOSTNAME.match(value):
-        raise ValueError(
-            f"{field} {value!r} is not a host name or IP address (letters, digits, '-', '_' and "
-            "dots, not starting with '-'); give the device's name or address, or an alias of "
-            "~/.ssh/config"
-        )
-    return value
+    return matching(
+        HOSTNAME,
+        value,
+        f"{field} {value!r} is not a host name or IP address (letters, digits, '-', '_' and "
+        "dots, not starting with '-'); give the device's name or address, or an alias of "
+        "~/.ssh/config",
+    )
 
 
 def check_user(value: str, field: str = "user") -> str:
     """`value` when it is a POSIX user name, else ValueError naming field and fix."""
-    if not USER.match(value):
-        raise ValueError(
-            f"{field} {value!r} is not a user name (letters, digits, '_', '.', '-', at most 32, "
-            "a letter or '_' first, so not starting with '-'); give the device account's login "
-            "name"
-        )
-    return value
+    return matching(
+        USER,
+        value,
+        f"{field} {value!r} is not a user name (letters, digits, '_', '.', '-', at most 32, "
+        "a letter or '_' first, so not starting with '-'); give the device account's login name",
+    )
 
 
 def _check_alias(value: str) -> str:
-    if not ALIAS.match(value):
-        raise ValueError(
-            f"alias {value!r} is not an ssh_config Host name (letters, digits, '_', '.', '-', "
-            "not starting with '-' or '.'); use the name of a Host entry without wildcards"
-        )
-    return value
+    return matching(
+        ALIAS,
+        value,
+        f"alias {value!r} is not an ssh_config Host name (letters, digits, '_', '.', '-', "
+        "not starting with '-' or '.'); use the name of a Host entry without wildcards",
+    )
 
 
 def check_command(value: str, field: str = "python") -> str:
     """`value` when it is a program name or path without spaces or shell characters."""
-    if not COMMAND.match(value):
-        raise ValueError(
-            f"{field} {value!r} is not a program name or path (letters, digits and _ . / ~ + -, "
-            "not starting with '-', no spaces or shell characters); give the interpreter's path"
-        )
-    return value
+    return matching(
+        COMMAND,
+        value,
+        f"{field} {value!r} is not a program name or path (letters, digits and _ . / ~ + -, "
+        "not starting with '-', no spaces or shell characters); give the interpreter's path",
+    )
 
 
 Host = Annotated[str, AfterValidator(check_host)]
