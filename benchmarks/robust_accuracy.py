@@ -61,6 +61,18 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "median": {"name": "median"},
     "trimmed-mean": {"name": "trimmed-mean", "beta": 1 / 3},
     "clipped-mean": {"name": "clipped-mean", "weighting": "unweighted", "bound": "median"},
+    "centered-clip": {
+        "name": "clipped-mean",
+        "weighting": "unweighted",
+        "bound": "median",
+        "center": "median",
+    },
+    "centered-clip+m0.5": {
+        "name": "clipped-mean",
+        "weighting": "unweighted",
+        "center": "median",
+        "momentum": 0.5,
+    },
     "fedavgm-0.5": {"name": "fedavgm", "weighting": "unweighted", "momentum": 0.5},
     "median+m0.5": {"name": "median", "momentum": 0.5},
 }
@@ -68,6 +80,8 @@ RUNS = [("mean", "none"), ("median", "none")]
 RUNS += [(s, a) for a in ("scale", "signflip") for s in list(STRATEGIES)[:4]]
 RUNS += [("mean", "boost"), ("clipped-mean", "boost")]
 RUNS += [("fedavgm-0.5", "none"), ("median+m0.5", "signflip"), ("median+m0.5", "scale")]
+RUNS += [("centered-clip", a) for a in ("none", "scale", "signflip", "boost")]
+RUNS += [("centered-clip+m0.5", a) for a in ("signflip", "scale")]
 SCORED = (10, 20, 30, 40)
 
 

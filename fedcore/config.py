@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
+from .schedules import ScheduleConfig
 from .shards import ShardSpec
 from .strategies import StrategyConfig
 from .training import TrainPlan
@@ -121,6 +122,12 @@ class WorkerConfig(Strict):
     threads: Annotated[int, Field(ge=0)] = 1  # torch threads; 0 = torch's default
     python: Command | None = None  # local transport: the interpreter (default: the coordinator's)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # a slower device, for heterogeneous fleets: each training step takes `slowdown` times as long
+    # (a CPU limit where the kernel allows it, else the worker sleeps; its hello says which)
+    slowdown: Annotated[float, Field(ge=1, le=1000)] = 1.0
+    # a steady device, for reproducible schedules: each training step takes this many seconds
+    # (times slowdown), the worker sleeping what its computation leaves; None: as fast as it is
+    step_seconds: Annotated[float, Field(gt=0, le=60)] | None = None
 
     @model_validator(mode="after")
     def _one_shard_kind(self) -> WorkerConfig:
@@ -184,6 +191,7 @@ class ExperimentConfig(Strict):
     rounds: PositiveInt = 40
     train: TrainConfig = TrainConfig()
     strategy: StrategyConfig = StrategyConfig()
+    schedule: ScheduleConfig = ScheduleConfig()  # sync (the seed's), semi-sync or async
     evaluation: EvaluationConfig = EvaluationConfig()
     workers: list[WorkerConfig]
     # updates a round needs: a count (2) or a fraction of the trainers (0.5); default: all of them
@@ -209,6 +217,23 @@ class ExperimentConfig(Strict):
             raise ValueError("at most one worker may have role: evaluator")
         if isinstance(self.quorum, int) and self.quorum > len(self.trainers):
             raise ValueError(f"quorum {self.quorum} exceeds the {len(self.trainers)} trainers")
+        schedule = self.schedule
+        if not schedule.is_sync and self.strategy.root.name == "scaffold":
+            raise ValueError(
+                f"strategy scaffold needs schedule.mode: sync, not {schedule.mode}: its control "
+                "variates assume every update was trained from the current global model and "
+                "server variate, which a late (stale) update was not"
+            )
+        unpaced = [w.name for w in self.trainers if w.step_seconds is None]
+        if schedule.clock == "paced" and unpaced:
+            raise ValueError(
+                f"schedule.clock: paced needs step_seconds on every trainer; missing on {unpaced}"
+            )
+        if schedule.mode == "semi-sync" and schedule.min_updates > len(self.trainers):
+            raise ValueError(
+                f"schedule.min_updates {schedule.min_updates} exceeds the "
+                f"{len(self.trainers)} trainers"
+            )
         return self
 
     @property

@@ -27,6 +27,7 @@ import torch
 from . import tensorcodec, wire
 from .errors import WireError
 from .evaluation import EvalResult
+from .pacing import MAX_SLOWDOWN, MODES
 from .training import TrainMetrics, TrainPlan
 
 PROTOCOL_VERSION = 1
@@ -52,6 +53,10 @@ class Hello:
     threads: int
     pid: int
     protocol: int = PROTOCOL_VERSION
+    # A slowed or steady device (fedcore.pacing): its factor and the mechanism in force. An older
+    # worker's hello has neither and reads as unpaced.
+    slowdown: float = 1.0
+    pacing: str = "none"
 
     @property
     def num_examples(self) -> int:
@@ -116,6 +121,8 @@ def encode_hello(h: Hello) -> bytes:
             "device": h.device,
             "threads": h.threads,
             "pid": h.pid,
+            "slowdown": h.slowdown,
+            "pacing": h.pacing,
         }
     )
 
@@ -130,6 +137,8 @@ def decode_hello(meta: wire.Meta) -> Hello:
                 f"hello label_counts has label {wire.quote(key)}, expected 0..{CLASSES - 1}"
             )
         counts[_LABELS[key]] = wire.integer(value, f"hello label count of {key}", 0, MAX_COUNT)
+    slowdown = wire.number(meta.get("slowdown", 1.0), "hello slowdown", 1.0, MAX_SLOWDOWN)
+    pacing = _pacing(meta.get("pacing", "none"), slowdown)
     return Hello(
         worker=wire.text(meta.get("worker"), "hello worker"),
         shard=wire.text(meta.get("shard"), "hello shard", 1024),
@@ -140,7 +149,19 @@ def decode_hello(meta: wire.Meta) -> Hello:
         threads=wire.integer(meta.get("threads"), "hello threads", 0, 1 << 16),
         pid=wire.integer(meta.get("pid"), "hello pid", 0, 1 << 32),
         protocol=wire.integer(meta.get("protocol"), "hello protocol", 0, MAX_ROUND),
+        slowdown=slowdown,
+        pacing=pacing,
     )
+
+
+def _pacing(value: object, slowdown: float) -> str:
+    """The hello's pacing mode, which must agree with its slowdown (fedcore.pacing.MODES)."""
+    mode = wire.text(value, "hello pacing", 16)
+    if mode not in MODES:
+        raise WireError(f"hello pacing must be one of {list(MODES)}, got {wire.quote(mode)}")
+    if (mode == "none") != (slowdown == 1.0) and mode != "steady":
+        raise WireError(f"hello pacing {mode!r} disagrees with its slowdown {slowdown:g}")
+    return mode
 
 
 def encode_train(req: TrainRequest) -> bytes:

@@ -23,6 +23,7 @@ import torch
 from . import tensorcodec
 from .checkpoint import atomic_write, fsync_dir, load_weights, save_weights
 from .errors import ConfigError, FedError
+from .model import initial_weights
 from .strategies.base import StrategyState
 
 STATE_FILE = "state.json"
@@ -40,6 +41,8 @@ class ResumePoint:
     metrics: dict[str, float]
     mlflow_run_id: str | None
     config_path: str
+    schedule: dict[str, Any] | None = None  # a non-sync schedule's state (schedules.fleet)
+    schedule_tensors: dict[str, torch.Tensor] | None = None  # its models (memory: true)
 
 
 def write_round(
@@ -53,8 +56,11 @@ def write_round(
     metrics: Mapping[str, float],
     mlflow_run_id: str | None,
     meta: Mapping[str, object],
+    schedule: Mapping[str, Any] | None = None,
+    schedule_tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Record round `round` as completed; returns the model file's path."""
+    """Record round `round` (a version, under a non-sync schedule) as completed, with the
+    schedule's state when there is one; returns the model file's path."""
     model = save_weights(
         run_dir / f"global-r{round:03d}.safetensors", weights, {**meta, "round": round}
     )
@@ -73,9 +79,16 @@ def write_round(
         "metrics": dict(metrics),
         "mlflow_run_id": mlflow_run_id,
     }
+    if schedule is not None:
+        state["schedule"] = dict(schedule)
+    if schedule_tensors:
+        schedule_file = run_dir / f"schedule-r{round:03d}.safetensors"
+        atomic_write(schedule_file, tensorcodec.dumps(dict(schedule_tensors)))
+        state["schedule_file"] = schedule_file.name
     atomic_write(run_dir / STATE_FILE, json.dumps(state, indent=1, default=float).encode())
     previous = run_dir / f"strategy-r{round - 1:03d}.safetensors"
     previous.unlink(missing_ok=True)  # only the latest strategy state is needed
+    (run_dir / f"schedule-r{round - 1:03d}.safetensors").unlink(missing_ok=True)
     fsync_dir(run_dir)
     return model
 
@@ -114,6 +127,23 @@ def find_run_dir(ref: str, runs_root: Path) -> Path:
     )
 
 
+def load_version(run_dir: Path, version: int, seed: int) -> dict[str, torch.Tensor]:
+    """The global model of round (version) `version` as written in `run_dir`; version 0 is the
+    initial model of `seed`.
+
+    Raises:
+        ConfigError: the folder does not hold that version's model.
+    """
+    if version == 0:
+        return initial_weights(seed)
+    path = run_dir / f"global-r{version:03d}.safetensors"
+    try:
+        weights, _ = load_weights(path)
+    except (OSError, ValueError, FedError) as exc:
+        raise ConfigError(f"{run_dir} does not hold version {version}'s model: {exc}") from None
+    return weights
+
+
 def load_resume_point(run_dir: Path) -> ResumePoint:
     """Read what `write_round` wrote last.
 
@@ -124,6 +154,10 @@ def load_resume_point(run_dir: Path) -> ResumePoint:
         state = json.loads((run_dir / STATE_FILE).read_text())
         weights, _ = load_weights(run_dir / state["model_file"])
         tensors, _ = tensorcodec.loads((run_dir / state["strategy"]["file"]).read_bytes())
+        schedule_tensors = None
+        if state.get("schedule_file"):
+            raw = (run_dir / str(state["schedule_file"])).read_bytes()
+            schedule_tensors, _ = tensorcodec.loads(raw)
     except (OSError, ValueError, KeyError, FedError) as exc:
         raise ConfigError(f"{run_dir} holds no complete round to resume from: {exc}") from None
     return ResumePoint(
@@ -135,4 +169,6 @@ def load_resume_point(run_dir: Path) -> ResumePoint:
         metrics={k: float(v) for k, v in state.get("metrics", {}).items()},
         mlflow_run_id=state.get("mlflow_run_id"),
         config_path=state.get("config_path", ""),
+        schedule=state.get("schedule"),
+        schedule_tensors=schedule_tensors,
     )

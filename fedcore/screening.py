@@ -68,18 +68,18 @@ def screen_updates(
     """Drop updates beyond `factor` x the round's median distance (3 or more updates) or beyond
     `factor` x `reference` (any number; None: the norm of `global_weights`). Factor 0: keep all.
     """
-    norms = {u.worker: update_norm(u.weights, global_weights) for u in updates}
+    dists = [update_norm(u.weights, global_weights) for u in updates]  # by position: a device
+    norms = {u.worker: d for u, d in zip(updates, dists, strict=True)}  # may send two (async)
     if factor <= 0:
-        return Screened(list(updates), [], norms, median(list(norms.values())))
+        return Screened(list(updates), [], norms, median(dists))
     ref = model_norm(global_weights) if reference is None else reference
     what = "the global model's norm" if reference is None else "the recent rounds' median"
     limits = [(factor * ref, f"{what} {ref:.4g}")] if ref > 0 else []  # 0: nothing to scale
-    round_median = median(list(norms.values()))
+    round_median = median(dists)
     if len(updates) >= 3:
         limits.append((factor * round_median, f"the round's median {round_median:.4g}"))
-    kept, dropped = [], []
-    for u in updates:
-        d = norms[u.worker]
+    kept, dropped, kept_dists = [], [], []
+    for u, d in zip(updates, dists, strict=True):
         broken = [(limit, why) for limit, why in limits if d > limit]
         if broken:
             limit, why = min(broken)
@@ -92,7 +92,8 @@ def screen_updates(
             )
         else:
             kept.append(u)
-    return Screened(kept, dropped, norms, median([norms[u.worker] for u in kept]))
+            kept_dists.append(d)
+    return Screened(kept, dropped, norms, median(kept_dists))
 
 
 class ScreeningHistory:

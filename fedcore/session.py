@@ -53,6 +53,7 @@ class WorkerSession:
         self._pipe: Pipe | None = None
         self._lock = threading.Lock()
         self._spec = weight_spec()
+        self._abandoned = False
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -82,6 +83,13 @@ class WorkerSession:
                 pass
             pipe.close()
 
+    def abandon(self) -> None:
+        """Stop the worker program now, even while a call waits on it (the training is over
+        and its job no longer matters): that call ends with WorkerFailed, which is never
+        retried, and the session refuses further calls. Never raises."""
+        self._abandoned = True
+        self.kill()
+
     def kill(self) -> None:
         """Drop the connection at once (after a timeout or a protocol error)."""
         pipe, self._pipe = self._pipe, None
@@ -93,6 +101,8 @@ class WorkerSession:
     def _call(
         self, frame: bytes, timeout: float | None, max_payload: int
     ) -> tuple[wire.Meta, bytes, int]:
+        if self._abandoned:
+            raise WorkerFailed(self.name, "stopped: the training is over")
         self._start_locked()
         pipe = self._pipe
         assert pipe is not None
@@ -107,15 +117,15 @@ class WorkerSession:
                 return data
 
             meta, payload = wire.read_frame(read_exact, max_payload)
-        except TimeoutError as exc:
+        except (TimeoutError, ConnectionError, EOFError, OSError, WireError) as exc:
             self.kill()
-            raise WorkerTimeout(self.name, f"no answer within {timeout}s ({exc})") from None
-        except (ConnectionError, EOFError, OSError) as exc:
-            self.kill()
+            if self._abandoned:
+                raise WorkerFailed(self.name, "stopped: the training is over") from None
+            if isinstance(exc, TimeoutError):
+                raise WorkerTimeout(self.name, f"no answer within {timeout}s ({exc})") from None
+            if isinstance(exc, WireError):
+                raise WorkerFailed(self.name, f"sent a bad frame: {exc}") from None
             raise WorkerUnreachable(self.name, f"connection lost: {exc}") from None
-        except WireError as exc:
-            self.kill()
-            raise WorkerFailed(self.name, f"sent a bad frame: {exc}") from None
         if meta.get("type") == "error":
             error = wire.clip(str(meta.get("error")), 60)
             raise WorkerFailed(self.name, f"{error}: {wire.clip(str(meta.get('message')), 2000)}")

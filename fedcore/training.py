@@ -4,7 +4,8 @@ One round of a worker is `plan.steps` minibatches of `plan.batch_size` images dr
 permutation of its shard (the seed's shuffled loader, cut after `steps` batches), each a step of
 SGD. Optional pieces a strategy switches on through the plan: momentum and weight decay, label
 smoothing, a FedProx proximal term (Li et al., 2020) and a gradient correction (SCAFFOLD's c - c_i,
-Karimireddy et al., 2020). Runs on the device (Python 3.8, torch).
+Karimireddy et al., 2020). A pacer (fedcore.pacing) may sleep after each step to make a device
+slower or steady; it changes no number. Runs on the device (Python 3.8, torch).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import WireError
+from .pacing import Pacer
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ def train_local(
     plan: TrainPlan,
     generator: torch.Generator,
     grad_correction: Optional[Mapping[str, torch.Tensor]] = None,
+    pacer: Optional[Pacer] = None,
 ) -> TrainMetrics:
     """Train `model` in place for one round; return the mean training loss and counts.
 
@@ -103,6 +106,8 @@ def train_local(
         plan: steps, batch size, learning rate and the optional terms.
         generator: seeded generator that fixes the minibatch order.
         grad_correction: name -> tensor added to each parameter's gradient before a step.
+        pacer: paces each step (fedcore.pacing: a slowed or steady device); it only sleeps, so
+            the numbers are those of an unpaced round. None: no pacing, no cost.
     """
     start = time.perf_counter()
     model.train()
@@ -113,6 +118,8 @@ def train_local(
     )
     total = torch.zeros((), dtype=torch.float64)
     samples = 0
+    if pacer is not None:
+        pacer.begin()
     for idx in batch_indices(labels.numel(), plan.steps, plan.batch_size, generator):
         idx = idx.to(images.device)
         x, y = images.index_select(0, idx), labels.index_select(0, idx)
@@ -136,6 +143,10 @@ def train_local(
                         p.grad.add_(grad_correction[k])
         opt.step()
         samples += int(y.numel())
+        if pacer is not None:
+            if images.is_cuda:  # the step's kernels are queued, not done, until synchronised
+                torch.cuda.synchronize(images.device)
+            pacer.step()
     return TrainMetrics(
         loss=float(total / max(samples, 1)),
         samples=samples,

@@ -8,17 +8,24 @@ dwarf a round's training (docs/ARCHITECTURE.md, Decisions 2). Nothing received i
 unpickled: frames are JSON plus safetensors. Logs go to stderr, which the coordinator shows line
 by line.
 
+`--slowdown N` / `--step-seconds S` make it a slower or a steady device (fedcore.pacing): it puts
+itself under a CPU limit where the kernel lets it (a cgroup it removes at exit, also on SIGTERM
+or SIGHUP), else sleeps after each training step; its hello says which.
+
 Runs on the device's own Python (>= 3.8) with torch and the standard library only.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import math
 import os
 import platform
+import signal
 import sys
-from typing import BinaryIO, Dict, List, Optional
+from typing import Any, BinaryIO, Dict, List, Optional
 
 import torch
 
@@ -28,6 +35,8 @@ from .evaluation import evaluate
 from .local_algorithms import ScaffoldClient
 from .mnist import label_counts, load_shard
 from .model import build_model, weight_spec
+from .pacing import MAX_SLOWDOWN, MAX_STEP_SECONDS, Pacing
+from .pacing import setup as setup_pacing
 from .shards import ShardSpec
 from .training import train_local
 
@@ -37,10 +46,18 @@ log = logging.getLogger("fedcore.worker")
 class Worker:
     """A worker's state across rounds: its shard, its device and its model buffers."""
 
-    def __init__(self, name: str, data_dir: str, spec: ShardSpec, device: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        data_dir: str,
+        spec: ShardSpec,
+        device: str,
+        pacing: Optional[Pacing] = None,
+    ) -> None:
         self.name = name
         self.spec = spec
         self.device = device
+        self.pacing = pacing or Pacing()
         images, labels = load_shard(data_dir, spec)
         self.counts = label_counts(labels)
         self.images = images.to(device)
@@ -66,6 +83,8 @@ class Worker:
                 device=self.device,
                 threads=torch.get_num_threads(),
                 pid=os.getpid(),
+                slowdown=self.pacing.slowdown,
+                pacing=self.pacing.mode,
             )
         )
 
@@ -82,8 +101,15 @@ class Worker:
             self.scaffold.begin(req.round, req.extras, self.device) if req.plan.scaffold else None
         )
         gen = torch.Generator().manual_seed(req.sample_seed)
+        mark = self.pacing.mark()
         metrics = train_local(
-            self.model, self.images, self.labels, req.plan, gen, grad_correction=correction
+            self.model,
+            self.images,
+            self.labels,
+            req.plan,
+            gen,
+            grad_correction=correction,
+            pacer=self.pacing.pacer,
         )
         weights = {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()}
         extras = (
@@ -92,11 +118,12 @@ class Worker:
             else {}
         )
         log.info(
-            "round %d: %d steps, loss %.4f, %.2fs",
+            "round %d: %d steps, loss %.4f, %.2fs%s",
             req.round,
             metrics.steps,
             metrics.loss,
             metrics.seconds,
+            self.pacing.note(mark),
         )
         return protocol.encode_update(
             protocol.Update(self.name, req.round, weights, self.labels.numel(), metrics, extras)
@@ -166,6 +193,28 @@ def pick_device(choice: str) -> str:
     return choice
 
 
+def _bounded(lo: float, hi: float, low_open: bool = False) -> Any:
+    """An argparse type: a finite float in lo..hi (lo excluded when `low_open`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (lo < value if low_open else lo <= value) and value <= hi):
+            bound = f"({lo:g}, {hi:g}]" if low_open else f"{lo:g}..{hi:g}"
+            raise argparse.ArgumentTypeError(f"must be a number in {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    # SIGTERM/SIGHUP (a coordinator stopping a busy worker, a closed SSH session) unwind through
+    # main's `finally`, so the worker's own cgroup is removed instead of being left behind.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fedcore.worker", description=__doc__.split("\n")[0]
@@ -180,6 +229,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--max-payload-mb", type=int, default=256, help="largest frame accepted (256)"
     )
+    parser.add_argument(
+        "--slowdown",
+        type=_bounded(1.0, MAX_SLOWDOWN),
+        default=1.0,
+        help="each training step takes N times as long (1: as fast as it is)",
+    )
+    parser.add_argument(
+        "--step-seconds",
+        type=_bounded(0.0, MAX_STEP_SECONDS, low_open=True),
+        default=None,
+        help="each training step takes S x slowdown seconds (default: as fast as it is)",
+    )
     args = parser.parse_args(argv)
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=f"[{args.name}] %(message)s")
@@ -188,15 +249,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     sys.stdout = sys.stderr
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    # Before the shard loads: a slow device is slow at everything, loading included.
+    pacing = setup_pacing(
+        args.name, args.slowdown, args.step_seconds, torch.get_num_threads(), device == "cpu"
+    )
+    if pacing.limit is not None:
+        atexit.register(pacing.close)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _exit_on_signal)
     try:
-        worker = Worker(
-            args.name, args.data_dir, ShardSpec.from_json(args.shard), pick_device(args.device)
-        )
-    except FedError as exc:
-        log.error("cannot start: %s", exc)
-        _send(stdout, protocol.encode_error(type(exc).__name__, str(exc)))
-        return 3
-    return serve(worker, sys.stdin.buffer, stdout, args.max_payload_mb << 20)
+        try:
+            worker = Worker(
+                args.name, args.data_dir, ShardSpec.from_json(args.shard), device, pacing
+            )
+        except FedError as exc:
+            log.error("cannot start: %s", exc)
+            _send(stdout, protocol.encode_error(type(exc).__name__, str(exc)))
+            return 3
+        return serve(worker, sys.stdin.buffer, stdout, args.max_payload_mb << 20)
+    finally:
+        pacing.close()
 
 
 if __name__ == "__main__":

@@ -4,11 +4,17 @@ A config names it with `inventory:` (configs/lab.yaml), so it must be exactly wh
 loader accepts. It is therefore built from the config models themselves - a `WorkerConfig`
 holding an `SSHConfig` - and dumped from them: an inventory the loader would refuse fails here,
 when the lab starts, instead of at the first training.
+
+A device may be slower or steady (`DeviceSpeed`: a worker's `slowdown` and `step_seconds`), for a
+heterogeneous fleet on one machine; the entry then carries those fields, and the worker paces
+itself (fedcore.pacing). Lab devices log in as their own users, which may not create cgroups, so
+a slowed lab device sleeps its pace rather than running under a CPU limit (its hello says so).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,15 @@ HEADER = (
 )
 
 
+@dataclass(frozen=True)
+class DeviceSpeed:
+    """How fast a lab device trains: `slowdown` N (1..1000) and `step_seconds` S, as in a
+    worker's config (fedcore.config.WorkerConfig); the defaults are a device as fast as it is."""
+
+    slowdown: float = 1.0
+    step_seconds: float | None = None
+
+
 def ssh_fields(**fields: Any) -> dict[str, Any]:
     """The given SSHConfig fields, validated, as plain values (what `LabHost.ssh` holds).
 
@@ -40,20 +55,34 @@ def ssh_fields(**fields: Any) -> dict[str, Any]:
         raise LabError(f"the lab made an invalid ssh config: {exc}") from None
 
 
-def worker_config(name: str, role: str, shard: ShardSpec, ssh: Mapping[str, Any]) -> WorkerConfig:
-    """The inventory entry of one device: an ssh worker with its role, shard and SSHConfig.
+def worker_config(
+    name: str,
+    role: str,
+    shard: ShardSpec,
+    ssh: Mapping[str, Any],
+    speed: DeviceSpeed = DeviceSpeed(),
+) -> WorkerConfig:
+    """The inventory entry of one device: an ssh worker with its role, shard, speed and SSHConfig.
+
+    A device as fast as it is gets no speed fields, so its entry is what it was before they
+    existed.
 
     Raises:
-        LabError: the entry would not pass the config loader (e.g. a worker name it refuses).
+        LabError: the entry would not pass the config loader (e.g. a worker name it refuses, a
+            slowdown outside 1..1000).
     """
-    fields = {
+    fields: dict[str, Any] = {
         "name": name,
         "role": role,
         "transport": "ssh",
         "split": shard.split,
         "labels": list(shard.labels) if shard.labels is not None else None,
-        "ssh": dict(ssh),
     }
+    if speed.slowdown != 1.0:
+        fields["slowdown"] = speed.slowdown
+    if speed.step_seconds is not None:
+        fields["step_seconds"] = speed.step_seconds
+    fields["ssh"] = dict(ssh)
     try:
         return WorkerConfig.model_validate(fields)  # as the config loader reads an entry
     except ValidationError as exc:

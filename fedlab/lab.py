@@ -1,7 +1,8 @@
 """Starting, inspecting and stopping a lab: one emulated device per worker, and the lab's state.
 
 `lab_up` gives each worker a host folder (sshd config, host key, log), a home with its shard, a
-Linux user when run as root, and a running sshd; it writes the lab's known_hosts and inventory.
+Linux user when run as root, and a running sshd; it writes the lab's known_hosts and inventory,
+where a device given a `DeviceSpeed` is a slower or steady one.
 Everything it creates is recorded in `<lab>/lab.json` as it goes, so that `lab_down` - also after
 a failed or killed `lab_up` - stops exactly the sshd servers it started and deletes exactly the
 users it created. `kill_host` and `restart_host` make one device die and come back, for the fault
@@ -24,7 +25,7 @@ from typing import Any
 from fedcore.shards import ShardSpec
 
 from .commands import LabError
-from .inventory import INVENTORY_FILE, ssh_fields, worker_config, write_inventory
+from .inventory import INVENTORY_FILE, DeviceSpeed, ssh_fields, worker_config, write_inventory
 from .provision import Split, make_home, provision_shard
 from .python import ensure_lab_python
 from .sshd import (
@@ -58,6 +59,8 @@ class LabHost:
     home: str
     data_dir: str  # on the "device"
     ssh: dict[str, Any]  # fields of fedcore.transport.ssh.SSHConfig
+    slowdown: float = 1.0  # a slower device (fedcore.pacing); 1: as fast as it is
+    step_seconds: float | None = None  # a steady device: seconds per training step (x slowdown)
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,7 @@ def lab_up(
     mnist_dir: Path,
     evaluator: str | None = None,
     python: Path | str | None = None,
+    speeds: Mapping[str, DeviceSpeed] | None = None,
 ) -> LabInfo:
     """Start one emulated device per worker and write the lab's inventory.
 
@@ -147,6 +151,8 @@ def lab_up(
         mnist_dir: MNIST idx files (raw or .gz) to cut the shards from.
         evaluator: the worker with role evaluator (the others are trainers).
         python: the devices' Python venv folder or interpreter (see `ensure_lab_python`).
+        speeds: worker name -> how fast its device trains (default: as fast as it is); the
+            inventory entry carries it, so the worker paces itself.
 
     Returns:
         LabInfo; its `inventory` is `<lab_dir>/lab-workers.yaml`.
@@ -157,6 +163,9 @@ def lab_up(
     lab_dir = Path(lab_dir).absolute()
     if evaluator is not None and evaluator not in workers:
         raise LabError(f"evaluator {evaluator!r} is not one of the workers {sorted(workers)}")
+    unknown = sorted(set(speeds or {}) - set(workers))
+    if unknown:
+        raise LabError(f"speeds for {unknown}, which are not among the workers {sorted(workers)}")
     if not os.access(SSHD, os.X_OK):
         raise LabError(f"{SSHD} is missing: run scripts/install-sshd.sh (as root)")
     if _load_state(lab_dir) is not None:
@@ -182,7 +191,9 @@ def lab_up(
     state: dict[str, Any] = {"per_user": per_user, "users": [], "hosts": {}}
     _save_state(lab_dir, state)
     try:
-        return _lab_up(lab_dir, workers, Path(mnist_dir), evaluator, python, users, state)
+        return _lab_up(
+            lab_dir, workers, Path(mnist_dir), evaluator, python, users, state, speeds or {}
+        )
     except BaseException:
         lab_down(lab_dir)
         raise
@@ -196,6 +207,7 @@ def _lab_up(
     python: Path | str | None,
     users: dict[str, str],
     state: dict[str, Any],
+    speeds: Mapping[str, DeviceSpeed],
 ) -> LabInfo:
     per_user = bool(state["per_user"])
     interpreter = ensure_lab_python(python, lab_dir)
@@ -240,13 +252,28 @@ def _lab_up(
             data_dir=str(data_dir),
         )
         role = "evaluator" if name == evaluator else "trainer"
+        speed = speeds.get(name, DeviceSpeed())
         hosts[name] = LabHost(
-            name, role, launch_spec, user, port, pid, str(home), str(data_dir), ssh
+            name,
+            role,
+            launch_spec,
+            user,
+            port,
+            pid,
+            str(home),
+            str(data_dir),
+            ssh,
+            speed.slowdown,
+            speed.step_seconds,
         )
     (lab_dir / "known_hosts").write_text("".join(known_lines))
     inventory = lab_dir / INVENTORY_FILE
     write_inventory(
-        inventory, [worker_config(h.name, h.role, h.shard, h.ssh) for h in hosts.values()]
+        inventory,
+        [
+            worker_config(h.name, h.role, h.shard, h.ssh, DeviceSpeed(h.slowdown, h.step_seconds))
+            for h in hosts.values()
+        ],
     )
     state["inventory"] = str(inventory)
     state["hosts"] = {n: {**state["hosts"][n], **_host_record(h)} for n, h in hosts.items()}

@@ -24,14 +24,15 @@ def _lab_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_lab_up(args: argparse.Namespace) -> int:
-    from fedlab import lab_up
+    from fedlab import DeviceSpeed, lab_up
 
     cfg = load_config(args.config)
     workers = {w.name: w.shard() for w in cfg.workers}
     evaluator = cfg.evaluators[0].name if cfg.evaluators else None
     mnist = Path(args.mnist_dir) if args.mnist_dir else default_data_dir()
     print(f"starting {len(workers)} emulated devices ({', '.join(workers)}); first time ~1 min")
-    info = lab_up(_lab_dir(args), workers, mnist, evaluator)
+    speeds = {w.name: DeviceSpeed(w.slowdown, w.step_seconds) for w in cfg.workers}
+    info = lab_up(_lab_dir(args), workers, mnist, evaluator, speeds=speeds)
     for name, host in info.hosts.items():
         print(f"  {name:10} ssh {host.user}@127.0.0.1 -p {host.port}")
     print(f"inventory: {info.inventory}\nknown_hosts: {info.known_hosts}")

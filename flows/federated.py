@@ -61,7 +61,13 @@ def make_session(cfg: ExperimentConfig, worker: WorkerConfig) -> WorkerSession:
     """
     if worker.transport == "ssh":  # a path on the device; the ssh section's data_dir otherwise
         launch = WorkerLaunch(
-            worker.name, worker.data_dir or "", worker.shard(), worker.threads, worker.device
+            worker.name,
+            worker.data_dir or "",
+            worker.shard(),
+            worker.threads,
+            worker.device,
+            worker.slowdown,
+            worker.step_seconds,
         )
         return WorkerSession(launch, make_transport(worker))
     data_dir = cfg.data_dir_for(worker)
@@ -70,7 +76,15 @@ def make_session(cfg: ExperimentConfig, worker: WorkerConfig) -> WorkerSession:
             f"worker {worker.name}: data directory {data_dir} does not exist; prepare MNIST with "
             f"`fedmnist data --dir {data_dir}` or set data_dir in the config"
         )
-    launch = WorkerLaunch(worker.name, str(data_dir), worker.shard(), worker.threads, worker.device)
+    launch = WorkerLaunch(
+        worker.name,
+        str(data_dir),
+        worker.shard(),
+        worker.threads,
+        worker.device,
+        worker.slowdown,
+        worker.step_seconds,
+    )
     return WorkerSession(launch, make_transport(worker))
 
 

@@ -53,6 +53,7 @@ TRAINING_FIELDS = (
     "below_quorum",
     "round_retries",
     "timeouts",
+    "schedule",
 )
 _DOTTED = r"^[a-z_]+(\.[a-z_]+)*$"
 

@@ -24,7 +24,7 @@ import torch
 from prefect import get_run_logger
 from prefect.futures import PrefectFuture
 
-from fedcore import report
+from fedcore import report, timeline
 from fedcore.config import ExperimentConfig
 from fedcore.errors import QuorumNotReached, UpdateRejected, cause_of
 from fedcore.evaluation import EvalResult
@@ -57,6 +57,7 @@ class RunContext:
     artifacts: RunArtifacts
     groups: list[list[int]]  # digit groups whose prediction shares are reported
     config_path: str = ""
+    started: float = dataclasses.field(default_factory=time.monotonic)  # the training's start
 
     @cached_property
     def trainers(self) -> list[str]:
@@ -123,6 +124,10 @@ def train_rounds(ctx: RunContext, resume: ResumePoint | None = None) -> dict[str
         UpdateRejected: the strategy refused an update while aggregating.
     """
     cfg = ctx.cfg
+    if not cfg.schedule.is_sync:
+        from flows.schedules import train_scheduled  # noqa: PLC0415 - it builds on this module
+
+        return train_scheduled(ctx, resume)
     logger = get_run_logger()
     weights = resume.weights if resume is not None else initial_weights(cfg.seed)
     first = resume.round + 1 if resume is not None else 1
@@ -276,16 +281,24 @@ def rejection(rnd: int, name: str, reason: str, shown: object) -> Failure:
 
 
 def evaluate_if_due(
-    ctx: RunContext, rnd: int, updates: list[Update], aggregated: Weights
+    ctx: RunContext,
+    rnd: int,
+    updates: list[Update],
+    aggregated: Weights,
+    label: str = "round",
 ) -> dict[str, EvalResult] | None:
     """Score the federated model (and each update, if configured) when round `rnd` is due;
-    None when it is not or there is no evaluator."""
+    None when it is not or there is no evaluator. `label`: "round", or "version" under a
+    non-sync schedule (the task is then `evaluate-v<k>`)."""
     cfg = ctx.cfg
     if not ctx.evaluator or not cfg.evaluation.due(rnd, cfg.rounds):
         return None
     models = {u.worker: u.weights for u in updates} if cfg.evaluation.workers else {}
     models["federated"] = aggregated
-    future = evaluate_models.submit(
+    task = evaluate_models
+    if label != "round":
+        task = evaluate_models.with_options(task_run_name=f"evaluate-v{rnd:03d}")
+    future = task.submit(
         ctx.sessions[ctx.evaluator], rnd, models, ctx.groups, cfg.timeouts.evaluate
     )
     future.wait()
@@ -295,7 +308,8 @@ def evaluate_if_due(
         # never the training: the round's model is still written and the next evaluation tried.
         exc = future.state.result(raise_on_failure=False)
         logger.warning(
-            "Round %d: evaluation skipped: evaluator %s %s: %s",
+            "%s %d: evaluation skipped: evaluator %s %s: %s",
+            label.capitalize(),
             rnd,
             ctx.evaluator,
             cause_of(exc),
@@ -303,15 +317,22 @@ def evaluate_if_due(
         )
         return None
     results = future.result()
-    logger.info("Evaluating models (round %d)", rnd)
+    logger.info("Evaluating models (%s %d)", label, rnd)
     for model, res in results.items():
         for line in report.evaluation_lines(model, res, ctx.groups):
             logger.info(line)
     return results
 
 
-def record_round(ctx: RunContext, result: RoundResult) -> None:
-    """Write the round's state to the run folder, then log it to MLflow and the artifacts.
+def record_round(
+    ctx: RunContext,
+    result: RoundResult,
+    schedule: Mapping[str, Any] | None = None,
+    extra: Mapping[str, float] | None = None,
+    schedule_tensors: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Write the round's state (with a non-sync `schedule`'s state) to the run folder, append
+    it to the timeline, then log it (and the `extra` metrics) to MLflow and the artifacts.
 
     The order is the resume guarantee: a round is complete once its state is on disk, and only
     a complete round is recorded.
@@ -320,6 +341,8 @@ def record_round(ctx: RunContext, result: RoundResult) -> None:
     metrics = round_metrics(result.updates, result.failures)
     metrics["lr"] = result.plan.lr
     metrics["round_seconds"] = result.seconds
+    metrics["elapsed_seconds"] = time.monotonic() - ctx.started
+    metrics.update(extra or {})
     path = write_round(
         ctx.run_dir,
         config=ctx.config_json,
@@ -330,6 +353,29 @@ def record_round(ctx: RunContext, result: RoundResult) -> None:
         metrics={**metrics, **(eval_metrics(evaluation, ctx.groups) if evaluation else {})},
         mlflow_run_id=ctx.tracker.run_id_or_none(),
         meta=ctx.model_meta,
+        schedule=schedule,
+        schedule_tensors=schedule_tensors,
+    )
+    timeline.append(
+        ctx.run_dir,
+        {
+            "round": rnd,
+            "seconds": round(metrics["elapsed_seconds"], 3),
+            "wall": time.time(),
+            "model_file": path.name,
+            "updates": [u.worker for u in result.updates],
+            **(
+                {
+                    "contributed": {
+                        k[12:]: v
+                        for k, v in (extra or {}).items()
+                        if k.startswith("contributed/") and v
+                    }
+                }
+                if schedule
+                else {}
+            ),
+        },
     )
     ctx.tracker.log_artifact(path, "models")
     if evaluation is not None:
@@ -338,6 +384,12 @@ def record_round(ctx: RunContext, result: RoundResult) -> None:
     ctx.tracker.log_metrics(metrics, step=rnd)
     ctx.artifacts.round_done(rnd)
     losses = ", ".join(f"{u.worker} {u.metrics.loss:.3f}" for u in result.updates)
+    what = "Round" if ctx.cfg.schedule.is_sync else "Version"
     get_run_logger().info(
-        "Round %d/%d done in %.1fs (training loss: %s)", rnd, ctx.cfg.rounds, result.seconds, losses
+        "%s %d/%d done in %.1fs (training loss: %s)",
+        what,
+        rnd,
+        ctx.cfg.rounds,
+        result.seconds,
+        losses,
     )

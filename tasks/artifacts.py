@@ -68,6 +68,15 @@ class RunArtifacts:
             description=f"{self.name}: evaluation at round {rnd} of {self.total}",
         )
 
+    def fleet(self, rows: list[dict[str, Any]]) -> None:
+        """Per device, under a non-sync schedule: jobs, updates contributed, how stale they
+        were, what was dropped, idle time."""
+        create_table_artifact(
+            rows,
+            key=f"{_key(self.name)}-devices",
+            description=f"{self.name}: what each device contributed, and how stale",
+        )
+
     def mlflow_link(self, url: str) -> None:
         create_link_artifact(
             url,

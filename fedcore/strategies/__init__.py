@@ -17,7 +17,7 @@ step. `base.py` is the interface the flow uses, `aggregate.py` the arithmetic. C
     {name: scaffold, weighting, server_lr, momentum, nesterov}
     {name: median, server_lr, momentum, nesterov}
     {name: trimmed-mean, beta, server_lr, momentum, nesterov}
-    {name: clipped-mean, weighting, bound, server_lr, momentum, nesterov}
+    {name: clipped-mean, weighting, bound, center, server_lr, momentum, nesterov}
 
 Every strategy checks the counts an update reports before using it (`base.check_counts`).
 """

@@ -3,7 +3,8 @@
 The rules and the papers they come from are in rules.py: the coordinate-wise median and the
 beta-trimmed mean of Yin, Chen, Ramchandran, Bartlett, 2018, "Byzantine-Robust Distributed
 Learning: Towards Optimal Statistical Rates" (ICML), and the norm clipping of Sun, Kairouz,
-Suresh, McMahan, 2019, "Can You Really Backdoor Federated Learning?" (arXiv:1911.07963). Each is a
+Suresh, McMahan, 2019, "Can You Really Backdoor Federated Learning?" (arXiv:1911.07963), centered
+on the round's median as in Karimireddy, He, Jaggi, 2021 (ICML) when asked. Each is a
 `FedOpt` (fedopt.py) holding its rule, so it composes with server SGD like the averaging
 strategies do: with the defaults (server_lr 1, momentum 0) the rule's model is adopted as is
 (no optimizer at all, so no float rounding), otherwise server SGD steps on global - rule's model
@@ -13,7 +14,7 @@ tuned to averaged updates and was not measured with these rules.
 
     {name: median, server_lr, momentum, nesterov}
     {name: trimmed-mean, beta: 1/3, server_lr, momentum, nesterov}
-    {name: clipped-mean, weighting, bound: median, server_lr, momentum, nesterov}
+    {name: clipped-mean, weighting, bound: median, center: global, server_lr, momentum, nesterov}
 
 The median and the trimmed mean are unweighted (`weighting: unweighted` is all they accept):
 weighting by reported example counts would give back to a lying worker the say the rule takes
@@ -71,14 +72,18 @@ class TrimmedMeanConfig(RobustOptions):
 
 
 class ClippedMeanConfig(RobustOptions):
-    """`{name: clipped-mean, weighting, bound: median, server_lr: 1.0, momentum: 0.0}`.
+    """`{name: clipped-mean, weighting, bound: median, center: global, server_lr, momentum}`.
 
-    bound: `median` (the round's median update norm) or a fixed norm M > 0.
+    bound: `median` (the round's median distance from the center) or a fixed norm M > 0.
+    center: `global` (clip how far each update moves the global model; Sun et al. 2019) or
+    `median` (clip how far each update is from the round's coordinate-wise median: centered
+    clipping, Karimireddy et al. 2021, which also stops a flipped update of honest size).
     """
 
     name: Literal["clipped-mean"]
     weighting: Weighting
     bound: Literal["median"] | Annotated[float, Field(gt=0)] = "median"
+    center: Literal["global", "median"] = "global"
 
     def rule(self) -> CombineRule:
-        return ClippedMean(self.bound)
+        return ClippedMean(self.bound, self.center)

@@ -23,6 +23,14 @@ so they equal global + the same rule over the deltas w_i - global.
   over training; with a majority of honest updates the median is an honest distance). Clipping
   bounds how FAR a hostile update moves the model, not in which DIRECTION: a sign-flipped update
   of honest size passes it unchanged (the median and the trimmed mean drop it).
+  With `center: median` the clipping is CENTERED (Karimireddy, He, Jaggi, 2021, "Learning from
+  History for Byzantine Robust Optimization", ICML): the deltas are taken from the round's
+  coordinate-wise median c instead of the global model, each w_i - c is clipped to M (`median`:
+  the median of the ||w_i - c||), and the result is c + the weighted mean of the clipped
+  deltas. A flipped update is far from c whatever its norm, so it is pulled back to within an
+  honest distance of the honest updates; the honest ones, within M of c, keep their full weight
+  (the median alone keeps one honest value per coordinate, this keeps their mean). Without an
+  attack and with every delta within M it is exactly the weighted mean.
 
 Each rule also gives its parameters for the training's record (`params`).
 """
@@ -52,6 +60,9 @@ log = logging.getLogger(__name__)
 
 YIN_2018 = "Yin et al. 2018, Byzantine-Robust Distributed Learning (ICML)"
 SUN_2019 = "Sun et al. 2019, Can You Really Backdoor Federated Learning? (arXiv:1911.07963)"
+KARIMIREDDY_2021 = (
+    "Karimireddy et al. 2021, Learning from History for Byzantine Robust Optimization"
+)
 
 
 class CombineRule(abc.ABC):
@@ -111,12 +122,21 @@ class TrimmedMean(CombineRule):
 
 class ClippedMean(CombineRule):
     """Each delta clipped to norm `bound` (a number, or "median": the round's median delta
-    norm), then the weighted mean (Sun et al. 2019)."""
+    norm), then the weighted mean (Sun et al. 2019). The deltas are taken from the global model
+    (`center="global"`) or from the round's coordinate-wise median (`center="median"`: centered
+    clipping, Karimireddy et al. 2021).
 
-    def __init__(self, bound: float | str) -> None:
+    Raises:
+        ValueError: a bound that is neither "median" nor a number > 0, or an unknown center.
+    """
+
+    def __init__(self, bound: float | str, center: str = "global") -> None:
         if bound != "median" and not (isinstance(bound, float | int) and bound > 0):
             raise ValueError(f"clipping bound must be 'median' or a number > 0, got {bound!r}")
+        if center not in ("global", "median"):
+            raise ValueError(f"clipping center must be 'global' or 'median', got {center!r}")
         self.bound = bound
+        self.center = center
 
     def combine(
         self,
@@ -124,14 +144,31 @@ class ClippedMean(CombineRule):
         global_weights: Mapping[str, torch.Tensor],
         updates: Sequence[Update],
     ) -> Weights:
-        norms = [update_norm(u.weights, global_weights) for u in updates]
+        if self.center == "median":
+            center: Mapping[str, torch.Tensor] = coordinate_median([u.weights for u in updates])
+        else:
+            center = global_weights
+        norms = [update_norm(u.weights, center) for u in updates]
         bound = median(norms) if self.bound == "median" else float(self.bound)
         clipped = []
         for u, norm in zip(updates, norms, strict=True):
             if norm > bound:
-                log.info("clipped %s's update from norm %.4g to %.4g", u.worker, norm, bound)
-            clipped.append(clip_to_norm(u.weights, global_weights, norm, bound))
+                log.info(
+                    "clipped %s's update from %.4g to %.4g away from the %s",
+                    u.worker,
+                    norm,
+                    bound,
+                    "round's median" if self.center == "median" else "global model",
+                )
+            clipped.append(clip_to_norm(u.weights, center, norm, bound))
         return weighted_mean(clipped, coefficients(weighting, updates))
 
     def params(self) -> dict[str, object]:
+        if self.center == "median":
+            return {
+                "rule": "centered-clipped-mean",
+                "bound": self.bound,
+                "center": "coordinate-median",
+                "paper": KARIMIREDDY_2021,
+            }
         return {"rule": "norm-clipped-mean", "bound": self.bound, "paper": SUN_2019}

@@ -15,16 +15,28 @@ from ..shards import ShardSpec
 
 @dataclass(frozen=True)
 class WorkerLaunch:
-    """How to start one worker program: its name, where its data is, which shard, how."""
+    """How to start one worker program: its name, where its data is, which shard, how.
+
+    `slowdown` and `step_seconds` make it a slower or a steady device (fedcore.pacing).
+    """
 
     name: str
     data_dir: str
     shard: ShardSpec
     threads: int = 0
     device: str = "auto"
+    slowdown: float = 1.0
+    step_seconds: float | None = None
 
     def argv(self) -> list[str]:
-        """Arguments after the interpreter: `-m fedcore.worker ...`."""
+        """Arguments after the interpreter: `-m fedcore.worker ...`.
+
+        The pacing flags only where they differ from the defaults, so an unpaced worker starts
+        with the command line it had before they existed (which an older worker accepts).
+        """
+        pace = [] if self.slowdown == 1.0 else ["--slowdown", repr(float(self.slowdown))]
+        if self.step_seconds is not None:
+            pace += ["--step-seconds", repr(float(self.step_seconds))]
         return [
             "-m",
             "fedcore.worker",
@@ -38,6 +50,7 @@ class WorkerLaunch:
             str(self.threads),
             "--device",
             self.device,
+            *pace,
         ]
 
 

@@ -115,3 +115,25 @@ def test_robust_strategies_check_counts_too() -> None:
             build_strategy(name).aggregate(
                 1, {"w": torch.zeros(1)}, [_u("a", [1.0]), _u("b", [2.0], -12000)], []
             )
+
+
+def test_centered_clipping_by_hand() -> None:
+    centered = {"name": "clipped-mean", "weighting": "unweighted", "center": "median"}
+    # center: the median 2; distances 1, 0, 98, bound their median 1: 100 -> 2 + 98 / 98
+    assert _agg(centered, ONE_OUTLIER, [0.0]) == pytest.approx([(1 + 2 + 3) / 3])
+    # a flipped update of honest size: clipping around the global model keeps its direction,
+    # clipping around the round's median pulls it back to an honest distance from the others
+    s = StrategyConfig.model_validate(centered).root.build()
+    ups = [_u("a", [1.0, 0.0]), _u("b", [1.0, 0.2]), _u("c", [-1.0, -0.1])]
+    out = s.aggregate(1, {"w": torch.zeros(2)}, ups, [])["w"].tolist()
+    scale = 0.2 / (2.0**2 + 0.1**2) ** 0.5  # deltas from (1, 0): 0, 0.2, 2.0025; bound 0.2
+    assert out == pytest.approx([1 + (-2 * scale) / 3, (0.2 - 0.1 * scale) / 3])
+    plain = StrategyConfig.model_validate({"name": "clipped-mean", "weighting": "unweighted"})
+    flipped = plain.root.build().aggregate(1, {"w": torch.zeros(2)}, ups, [])["w"].tolist()
+    assert flipped[0] < 0.34 < out[0]  # the plain clip lets the flip cancel a third of the step
+    # no attacker and every delta within the bound: exactly the mean
+    assert _agg(centered, [[1.0], [2.0], [3.0]], [0.0]) == pytest.approx([2.0])
+    params = s.params()
+    assert params["rule"] == "centered-clipped-mean" and "Karimireddy" in str(params["paper"])
+    with pytest.raises(ValidationError):
+        StrategyConfig.model_validate({**centered, "center": "mean"})

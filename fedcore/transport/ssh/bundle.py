@@ -30,6 +30,7 @@ WORKER_MODULES = (
     "wire",
     "protocol",
     "local_algorithms",
+    "pacing",
     "worker",
 )
 # The fedcore package folder: this file is fedcore/transport/ssh/bundle.py.
