@@ -53,6 +53,21 @@ class Strict(BaseModel):
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
+class CompressionConfig(Strict):
+    """How the model travels each way in a worker-round (fedcore.compression): `none` (float32,
+    the seed's bytes), `fp16` (half the bytes), `int8` (a quarter), `topk` (float16 down, the
+    `fraction` of each tensor's largest delta entries up, with error feedback)."""
+
+    name: Literal["none", "fp16", "int8", "topk"] = "none"
+    fraction: Annotated[float, Field(gt=0, le=1)] = 0.01  # topk only: share of entries sent
+
+    @model_validator(mode="after")
+    def _fraction_for_topk(self) -> CompressionConfig:
+        if "fraction" in self.model_fields_set and self.name != "topk":
+            raise ValueError(f"fraction applies to name: topk only, not {self.name}")
+        return self
+
+
 class TrainConfig(Strict):
     """Local training per worker-round and the learning-rate schedule."""
 
@@ -64,6 +79,8 @@ class TrainConfig(Strict):
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # update compression both ways (none: the seed's float32 frames, byte for byte)
+    compression: CompressionConfig = CompressionConfig()
 
     def lr_at(self, round: int) -> float:
         """Learning rate of round `round` (1-based): lr * decay^(round-1), floored at lr_min."""
@@ -77,6 +94,8 @@ class TrainConfig(Strict):
             momentum=self.momentum,
             weight_decay=self.weight_decay,
             label_smoothing=self.label_smoothing,
+            compression=self.compression.name,
+            topk_fraction=self.compression.fraction if self.compression.name == "topk" else 0.0,
         )
 
 

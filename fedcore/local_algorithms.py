@@ -15,6 +15,10 @@ Tensor groups (fedcore.protocol), one tensor per model parameter unless said oth
                                    server applied (0: none, the server's record of c_i is zero)
   reply   `control_delta/<param>`  c_i+ - c_i
 
+Under update compression (fedcore.compression) the delta travels in the plan's uplink codec and
+c_i moves by the delta the server decodes from it (`finish`'s `transmit`), not the exact one, so
+the two records stay bit-equal through a lossy codec.
+
 Staying in step with the server's record of c_i (which is the sum of the deltas it applied):
 - a delta becomes the worker's c_i only once the server acknowledges it (`control_base` names its
   round in the next request); a reply the server lost or rejected is dropped on both sides;
@@ -31,7 +35,7 @@ Runs on the device (Python 3.8, torch and the standard library only).
 from __future__ import annotations
 
 import logging
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -164,11 +168,18 @@ class ScaffoldClient:
         y: Mapping[str, torch.Tensor],
         steps: int,
         lr: float,
+        transmit: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None,
     ) -> Dict[str, Dict[str, torch.Tensor]]:
         """The reply's control groups after training from `x` to `y` (CPU tensors by name).
 
-        Returns {"control_delta": c_i+ - c_i}, or {} when this worker did not hold the c_i the
-        server acknowledged (it then keeps c_i = 0 and the server drops its record).
+        Args:
+            transmit: under update compression (fedcore.compression), the delta -> the delta
+                the server will decode from what is sent; c_i then moves by exactly that, so the
+                two records of c_i stay bit-equal. None: the delta travels as it is.
+
+        Returns {"control_delta": c_i+ - c_i} (as transmitted), or {} when this worker did not
+        hold the c_i the server acknowledged (it then keeps c_i = 0 and the server drops its
+        record).
         """
         if self._current is None or self._current[0] != round:
             raise RuntimeError(f"finish({round}) without begin({round})")
@@ -179,6 +190,8 @@ class ScaffoldClient:
         c_i = self.control()
         c_plus = control_update(c_i, c, x, y, steps, lr)
         delta = {k: c_plus[k] - c_i[k] for k in c_i}
+        if transmit is not None:
+            delta = transmit(delta)
         # Kept as c_i + delta, the very sum the server forms, so both records stay bit-equal.
         self._pending = (round, {k: c_i[k] + delta[k] for k in c_i})
         return {CONTROL_DELTA: delta}

@@ -10,6 +10,14 @@ safetensors payload, grouped by a name prefix: `global/...` (the round's model) 
 extras in a train request; `weights/...` and extras in an update; `<model>/...` in an evaluate
 request. Runs on the device (Python 3.8).
 
+Update compression (`TrainPlan.compression`, fedcore.compression) changes only the payload: the
+request's float groups travel in the scheme's downlink codec, and the update carries the delta
+from the global model the worker received, in the uplink codec (`weights~scale/..`,
+`weights~index/..` and the like hold a codec's parts). `decode_update` rebuilds the weights as the
+coordinator's own global plus the decoded delta, so everything after it (validation, strategies,
+screening, the record) sees float32 weights as without compression. Without compression the
+frames are byte for byte those of protocol 1.
+
 Decoders take nothing on trust: every field is checked for its type and range
 (`wire.integer`, `wire.number`, `wire.text`), counts are non-negative ints, an evaluation's
 numbers must agree with each other and with what the coordinator asked and the evaluator's hello
@@ -24,13 +32,17 @@ from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tup
 
 import torch
 
-from . import tensorcodec, wire
+from . import compression, tensorcodec, wire
 from .errors import WireError
 from .evaluation import EvalResult
+from .model import weight_spec
 from .pacing import MAX_SLOWDOWN, MODES
 from .training import TrainMetrics, TrainPlan
 
-PROTOCOL_VERSION = 1
+# 2: train plans may carry `compression` (fedcore.compression). A worker says its version in its
+# hello; one below COMPRESSION_PROTOCOL is never sent a compressed request (fedcore.session).
+PROTOCOL_VERSION = 2
+COMPRESSION_PROTOCOL = 2
 Tensors = Dict[str, torch.Tensor]
 CLASSES = 10  # MNIST's digits: labels, confusion rows and columns, evaluation groups' members
 MAX_ROUND = 2**31 - 1
@@ -85,6 +97,7 @@ class Update:
     metrics: TrainMetrics
     extras: Dict[str, Tensors] = field(default_factory=dict)
     wire_bytes: int = 0  # bytes of the request plus the reply, as sent
+    wire_bytes_down: int = 0  # of which the request's (coordinator -> worker)
 
 
 # -- encoding -------------------------------------------------------------------------------
@@ -165,8 +178,16 @@ def _pacing(value: object, slowdown: float) -> str:
 
 
 def encode_train(req: TrainRequest) -> bytes:
-    groups = {"global": req.weights}
+    """The train request's frame: the global model and extras in the plan's downlink codec.
+
+    Raises:
+        WireError: the plan's compression cannot carry a value (fp16 beyond its range).
+    """
+    groups: Dict[str, Mapping[str, torch.Tensor]] = {"global": req.weights}
     groups.update(req.extras)
+    down, _ = compression.codecs(req.plan.compression)
+    if down != compression.F32:
+        groups = dict(compression.encode(down, groups)[0])
     return _frame(
         {
             "type": "train",
@@ -178,21 +199,35 @@ def encode_train(req: TrainRequest) -> bytes:
     )
 
 
-def decode_train(meta: wire.Meta, payload: bytes) -> TrainRequest:
+def decode_train(
+    meta: wire.Meta, payload: bytes, spec: Optional[Mapping[str, tuple]] = None
+) -> TrainRequest:
+    """A train request, its tensors decoded from the plan's downlink codec (checked against
+    `spec`, the model's name -> (shape, dtype); default `model.weight_spec()`): at most the
+    global model and, with SCAFFOLD, the server's control variate arrive compressed."""
     expect(meta, "train")
     rnd = wire.integer(meta.get("round"), "train request round", 0, MAX_ROUND)
     seed = wire.integer(meta.get("sample_seed"), "train request sample_seed")
     plan = TrainPlan.from_dict(wire.mapping(meta.get("plan"), "train request plan"))
     groups = _groups(payload)
+    down, _ = compression.codecs(plan.compression)
+    if down != compression.F32:
+        spec = spec if spec is not None else weight_spec()
+        groups = compression.decode(down, groups, spec, max_groups=2 if plan.scaffold else 1)
     weights = groups.pop("global", None)
     if weights is None:
         raise WireError("train request carries no 'global/' weights")
     return TrainRequest(rnd, plan, seed, weights, groups)
 
 
-def encode_update(u: Update) -> bytes:
-    groups = {"weights": u.weights}
-    groups.update(u.extras)
+def encode_update(u: Update, wire_groups: Optional[Mapping[str, Tensors]] = None) -> bytes:
+    """The update's frame. `wire_groups`: its tensors as compressed (the delta in the plan's
+    uplink codec, `compression.encode`), sent instead of `u.weights` and `u.extras`."""
+    groups: Mapping[str, Mapping[str, torch.Tensor]]
+    if wire_groups is not None:
+        groups = wire_groups
+    else:
+        groups = {"weights": u.weights, **u.extras}
     m = u.metrics
     return _frame(
         {
@@ -211,7 +246,29 @@ def encode_update(u: Update) -> bytes:
     )
 
 
-def decode_update(meta: wire.Meta, payload: bytes, wire_bytes: int = 0) -> Update:
+def decode_update(
+    meta: wire.Meta,
+    payload: bytes,
+    wire_bytes: int = 0,
+    wire_bytes_down: int = 0,
+    plan: Optional[TrainPlan] = None,
+    reference: Optional[Mapping[str, torch.Tensor]] = None,
+    max_groups: int = 1,
+) -> Update:
+    """An update; under `plan`'s compression its weights are `reference` (the global model the
+    request carried) plus the decoded delta.
+
+    Args:
+        meta, payload: the reply.
+        wire_bytes, wire_bytes_down: bytes of request plus reply, and of the request.
+        plan: the request's plan (None: uncompressed).
+        reference: the request's global weights; needed when the plan compresses.
+        max_groups: tensor groups the reply may carry, the weights included (checked before
+            a compressed group is decoded).
+
+    Raises:
+        WireError: a malformed reply (fedcore.compression.decode for the compressed parts).
+    """
     expect(meta, "update")
     m = wire.mapping(meta.get("metrics"), "update metrics")
     metrics = TrainMetrics(
@@ -224,21 +281,48 @@ def decode_update(meta: wire.Meta, payload: bytes, wire_bytes: int = 0) -> Updat
     rnd = wire.integer(meta.get("round"), "update round", 0, MAX_ROUND)
     num_examples = wire.integer(meta.get("num_examples"), "update num_examples", 0, MAX_COUNT)
     groups = _groups(payload)
+    _, up = compression.codecs(plan.compression if plan is not None else "none")
+    if up != compression.F32:
+        if plan is None or reference is None:
+            raise ValueError("decoding a compressed update needs the request's plan and weights")
+        spec = {k: (tuple(t.shape), t.dtype) for k, t in reference.items()}
+        groups = compression.decode(up, groups, spec, plan.topk_fraction, max_groups)
     weights = groups.pop("weights", None)
     if weights is None:
         raise WireError("update carries no 'weights/' tensors")
-    return Update(worker, rnd, weights, num_examples, metrics, groups, wire_bytes)
+    if up != compression.F32:
+        assert reference is not None
+        weights = {k: _rebuild(reference.get(k), d) for k, d in weights.items()}
+    return Update(worker, rnd, weights, num_examples, metrics, groups, wire_bytes, wire_bytes_down)
 
 
-def reply_limit(weights: Mapping[str, torch.Tensor], groups: int) -> int:
+def _rebuild(reference: Optional[torch.Tensor], delta: torch.Tensor) -> torch.Tensor:
+    """The coordinator's global tensor plus a worker's decoded delta (float32, exact adds). A
+    tensor the global model lacks stays as sent, for validation to refuse by name."""
+    if reference is None or not delta.is_floating_point():
+        return delta
+    return reference + delta
+
+
+def reply_limit(
+    weights: Mapping[str, torch.Tensor], groups: int, plan: Optional[TrainPlan] = None
+) -> int:
     """The largest update payload worth reading for a train request carrying `weights`.
 
     An update holds the weights and at most `groups` extra tensor sets (a strategy's, e.g.
-    SCAFFOLD's control delta), none larger than the weights, plus a safetensors header. The
-    session refuses a reply that announces more from its frame prefix, before reading it.
+    SCAFFOLD's control delta), none larger than the weights, plus a safetensors header; under
+    `plan`'s compression each set in the uplink codec (fp16: half, int8: a quarter plus a scale
+    per tensor, top-k: 8 bytes per entry sent). The session refuses a reply that announces more
+    from its frame prefix, before reading it.
     """
-    nbytes = sum(t.numel() * t.element_size() for t in weights.values())
-    return nbytes * (1 + groups) + 8 + tensorcodec.MAX_HEADER
+    _, up = compression.codecs(plan.compression if plan is not None else "none")
+    if up == compression.F32:
+        nbytes = sum(t.numel() * t.element_size() for t in weights.values())
+        return nbytes * (1 + groups) + 8 + tensorcodec.MAX_HEADER
+    assert plan is not None
+    spec = {k: (tuple(t.shape), t.dtype) for k, t in weights.items()}
+    bound = compression.payload_bound(spec, up, 1 + groups, plan.topk_fraction)
+    return bound + 8 + tensorcodec.MAX_HEADER
 
 
 def encode_evaluate(

@@ -9,10 +9,12 @@ become typed errors naming the worker: `WorkerUnreachable` (gone; retried, the s
 
 A reply is bounded where it arrives: the frame prefix announces its size and a reply larger than
 the call can need (nothing for hello and evaluate; the weights and the extra tensor groups asked
-for, `protocol.reply_limit`, for train) is refused before a byte of its body is read. Any decoder
-failure (`WireError`: a bad frame, header or field) drops the connection, so the stream can never
-be out of step; the next call starts the worker program again (within the round's retry for a
-transient error, in the next round otherwise).
+for, `protocol.reply_limit`, for train, in the plan's compression codec) is refused before a
+byte of its body is read. A compressed update is decoded against the request it answers (its
+plan, and its global weights, to which the decoded delta is added: `protocol.decode_update`).
+Any decoder failure (`WireError`: a bad frame, header or field) drops the connection, so the
+stream can never be out of step; the next call starts the worker program again (within the
+round's retry for a transient error, in the next round otherwise).
 """
 
 from __future__ import annotations
@@ -166,11 +168,22 @@ class WorkerSession:
             WorkerUnreachable, WorkerTimeout, WorkerFailed, UpdateRejected.
         """
         groups = len(request.extras) if reply_groups is None else reply_groups
-        limit = protocol.reply_limit(request.weights, groups)
+        limit = protocol.reply_limit(request.weights, groups, request.plan)
+        frame = protocol.encode_train(request)
         with self._lock:
-            meta, payload, nbytes = self._call(protocol.encode_train(request), timeout, limit)
+            self._check_compression(request)
+            meta, payload, nbytes = self._call(frame, timeout, limit)
             update = self._decode(
-                "update", lambda: protocol.decode_update(meta, payload, wire_bytes=nbytes)
+                "update",
+                lambda: protocol.decode_update(
+                    meta,
+                    payload,
+                    wire_bytes=nbytes,
+                    wire_bytes_down=len(frame),
+                    plan=request.plan,
+                    reference=request.weights,
+                    max_groups=1 + groups,
+                ),
             )
         if update.worker != self.name or update.round != request.round:
             raise UpdateRejected(
@@ -187,6 +200,19 @@ class WorkerSession:
                         f"{wire.clip(group, 60)} {wire.clip(repr(k), 60)} has non-finite values",
                     )
         return update
+
+    def _check_compression(self, request: TrainRequest) -> None:
+        """Refuse to send a compressed request to a worker whose hello says it predates them."""
+        info = self.hello_info
+        if request.plan.compression == "none" or info is None:
+            return
+        if info.protocol < protocol.COMPRESSION_PROTOCOL:
+            raise WorkerFailed(
+                self.name,
+                f"runs worker protocol {info.protocol}, which cannot decode train.compression "
+                f"{request.plan.compression!r} (protocol {protocol.COMPRESSION_PROTOCOL} and "
+                "later can): update the worker's fedcore, or set train.compression.name: none",
+            )
 
     def evaluate(
         self,

@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compression import codecs
 from .errors import WireError
 from .pacing import Pacer
+from .wire import text
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,22 @@ class TrainPlan:
     label_smoothing: float = 0.0
     prox_mu: float = 0.0  # FedProx: adds 0.5 * prox_mu * ||w - w_global||^2 to the loss
     scaffold: bool = False  # SCAFFOLD: the request carries control variates (local_algorithms)
+    # Update compression (fedcore.compression.SCHEMES): how the global model travels to the worker
+    # and the worker's delta back; topk_fraction is top-k's share of each tensor (topk only).
+    compression: str = "none"
+    topk_fraction: float = 0.0
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        """The plan as a train request carries it. Without compression the two compression
+        fields are left out, so the request is byte for byte what it was before they existed
+        (and a worker that predates them reads it); with it, such a worker refuses the plan's
+        unknown field by name instead of sending weights the coordinator cannot decode."""
+        out = asdict(self)
+        if self.compression == "none":
+            del out["compression"]
+        if self.compression != "topk":
+            del out["topk_fraction"]
+        return out
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> TrainPlan:
@@ -47,6 +62,9 @@ class TrainPlan:
             raise WireError(f"train plan has unknown fields {unknown}")
         values: Dict[str, Any] = {}
         for name, value in raw.items():
+            if known[name] in ("str", str):
+                values[name] = text(value, f"train plan field {name!r}", 16)
+                continue
             if known[name] in ("bool", bool):
                 if not isinstance(value, bool):
                     raise WireError(
@@ -65,6 +83,14 @@ class TrainPlan:
             raise WireError(f"train plan needs steps >= 1, batch_size >= 1, lr > 0: {plan}")
         if not 0 <= plan.prox_mu < float("inf"):
             raise WireError(f"train plan needs a finite prox_mu >= 0, got {plan.prox_mu}")
+        codecs(plan.compression)  # an unknown scheme is a WireError naming the known ones
+        if plan.compression == "topk" and not 0 < plan.topk_fraction <= 1:
+            raise WireError(f"train plan needs a topk_fraction in (0, 1], got {plan.topk_fraction}")
+        if plan.compression != "topk" and plan.topk_fraction != 0:
+            raise WireError(
+                f"train plan has topk_fraction {plan.topk_fraction} but compression "
+                f"{plan.compression!r}: only topk takes a fraction"
+            )
         return plan
 
 

@@ -8,6 +8,11 @@ dwarf a round's training (docs/ARCHITECTURE.md, Decisions 2). Nothing received i
 unpickled: frames are JSON plus safetensors. Logs go to stderr, which the coordinator shows line
 by line.
 
+Under update compression (the plan's `compression`, fedcore.compression) it decodes the request
+in the scheme's downlink codec, checked like any request, and replies with its delta from the
+global model it received, in the uplink codec, keeping what the codec left out of that delta for
+its next one (error feedback) for as long as the process lives.
+
 `--slowdown N` / `--step-seconds S` make it a slower or a steady device (fedcore.pacing): it puts
 itself under a CPU limit where the kernel lets it (a cgroup it removes at exit, also on SIGTERM
 or SIGHUP), else sleeps after each training step; its hello says which.
@@ -29,10 +34,10 @@ from typing import Any, BinaryIO, Dict, List, Optional
 
 import torch
 
-from . import protocol, wire
+from . import compression, protocol, wire
 from .errors import FedError, WireError
 from .evaluation import evaluate
-from .local_algorithms import ScaffoldClient
+from .local_algorithms import CONTROL_DELTA, ScaffoldClient
 from .mnist import label_counts, load_shard
 from .model import build_model, weight_spec
 from .pacing import MAX_SLOWDOWN, MAX_STEP_SECONDS, Pacing
@@ -70,6 +75,8 @@ class Worker:
         self.scaffold = ScaffoldClient(
             {k: (tuple(p.shape), p.dtype) for k, p in self.model.named_parameters()}
         )
+        # What update compression left out of past deltas, sent with the next (error feedback).
+        self.feedback = compression.ErrorFeedback()
         log.info("%s holds %d images (%s) on %s", name, labels.numel(), spec.describe(), device)
 
     def hello(self) -> bytes:
@@ -93,7 +100,7 @@ class Worker:
         self.model.load_state_dict(weights)
 
     def train(self, meta: wire.Meta, payload: bytes) -> bytes:
-        req = protocol.decode_train(meta, payload)
+        req = protocol.decode_train(meta, payload, self.spec_weights)
         if req.extras and not req.plan.scaffold:
             raise WireError(f"unsupported tensor groups in train request: {sorted(req.extras)}")
         self._load(req.weights, "global weights")
@@ -112,8 +119,23 @@ class Worker:
             pacer=self.pacing.pacer,
         )
         weights = {k: v.detach().to("cpu") for k, v in self.model.state_dict().items()}
+        _, up = compression.codecs(req.plan.compression)
+        sent: Optional[Dict[str, Dict[str, torch.Tensor]]] = None
+        transmit = None
+        if up != compression.F32:
+            sent = {}
+            delta = {k: _delta(w, req.weights[k]) for k, w in weights.items()}
+            self._compress(up, req.plan.topk_fraction, "weights", delta, sent, self.feedback)
+
+            def transmit(d: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+                # no error feedback: SCAFFOLD's delta corrects itself (fedcore.compression)
+                assert sent is not None
+                return self._compress(up, req.plan.topk_fraction, CONTROL_DELTA, d, sent, None)
+
         extras = (
-            self.scaffold.finish(req.round, req.weights, weights, req.plan.steps, req.plan.lr)
+            self.scaffold.finish(
+                req.round, req.weights, weights, req.plan.steps, req.plan.lr, transmit
+            )
             if req.plan.scaffold
             else {}
         )
@@ -126,8 +148,23 @@ class Worker:
             self.pacing.note(mark),
         )
         return protocol.encode_update(
-            protocol.Update(self.name, req.round, weights, self.labels.numel(), metrics, extras)
+            protocol.Update(self.name, req.round, weights, self.labels.numel(), metrics, extras),
+            sent,
         )
+
+    def _compress(
+        self,
+        codec: str,
+        fraction: float,
+        group: str,
+        tensors: Dict[str, torch.Tensor],
+        sent: Dict[str, Dict[str, torch.Tensor]],
+        feedback: Optional[compression.ErrorFeedback],
+    ) -> Dict[str, torch.Tensor]:
+        """Add `group`'s wire form to `sent`; return what the coordinator will decode from it."""
+        wire_groups, decoded = compression.encode(codec, {group: tensors}, fraction, feedback)
+        sent.update(wire_groups)
+        return decoded[group]
 
     def evaluate(self, meta: wire.Meta, payload: bytes) -> bytes:
         rnd, models, groups = protocol.decode_evaluate(meta, payload)
@@ -139,6 +176,12 @@ class Worker:
             "round %d: evaluated %d models on %d images", rnd, len(models), self.labels.numel()
         )
         return protocol.encode_evaluation(results)
+
+
+def _delta(trained: torch.Tensor, received: torch.Tensor) -> torch.Tensor:
+    """What a compressed update carries for one tensor: trained - received (an integer tensor,
+    which no delta describes, travels as it is)."""
+    return trained - received if trained.is_floating_point() else trained
 
 
 def serve(worker: Worker, stdin: BinaryIO, stdout: BinaryIO, max_payload: int) -> int:

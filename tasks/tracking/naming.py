@@ -67,7 +67,8 @@ def round_metrics(updates: Sequence[Update], failures: Sequence[Failure]) -> dic
         failures: the workers that failed it.
 
     Returns:
-        `<quantity>/<worker>` (loss, samples, seconds, wire bytes, failed 0/1) plus round totals.
+        `<quantity>/<worker>` (loss, samples, seconds, wire bytes both ways and of them the
+        request's, coordinator -> worker, failed 0/1) plus round totals.
     """
     out: dict[str, float] = {}
     for u in updates:
@@ -75,6 +76,7 @@ def round_metrics(updates: Sequence[Update], failures: Sequence[Failure]) -> dic
         out[f"train_samples/{u.worker}"] = u.metrics.samples
         out[f"train_seconds/{u.worker}"] = u.metrics.seconds
         out[f"wire_bytes/{u.worker}"] = u.wire_bytes
+        out[f"wire_bytes_down/{u.worker}"] = u.wire_bytes_down
         out[f"failed/{u.worker}"] = 0
     for f in failures:
         out[f"failed/{f.worker}"] = 1

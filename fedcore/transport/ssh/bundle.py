@@ -28,6 +28,7 @@ WORKER_MODULES = (
     "evaluation",
     "tensorcodec",
     "wire",
+    "compression",
     "protocol",
     "local_algorithms",
     "pacing",
