@@ -34,7 +34,15 @@ def test_run_name_leads_with_the_deployment_when_there_is_one() -> None:
 def test_round_metrics_per_worker_and_totals() -> None:
     w = initial_weights(1)
     updates = [
-        Update("alice", 3, w, 24754, TrainMetrics(2.5, 64, 2, 0.25), wire_bytes=1000),
+        Update(
+            "alice",
+            3,
+            w,
+            24754,
+            TrainMetrics(2.5, 64, 2, 0.25),
+            wire_bytes=1000,
+            wire_bytes_down=600,
+        ),
         Update("bob", 3, w, 17181, TrainMetrics(1.5, 32, 1, 0.5), wire_bytes=3000),
     ]
     out = round_metrics(updates, [Failure("charlie", 3, "timeout", "no reply in 300 s")])
@@ -43,11 +51,13 @@ def test_round_metrics_per_worker_and_totals() -> None:
         "train_samples/alice": 64,
         "train_seconds/alice": 0.25,
         "wire_bytes/alice": 1000,
+        "wire_bytes_down/alice": 600,  # the request, of those 1000 bytes
         "failed/alice": 0,
         "train_loss/bob": 1.5,
         "train_samples/bob": 32,
         "train_seconds/bob": 0.5,
         "wire_bytes/bob": 3000,
+        "wire_bytes_down/bob": 0,
         "failed/bob": 0,
         "failed/charlie": 1,
         "workers_ok": 2,
