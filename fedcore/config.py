@@ -63,7 +63,9 @@ class CompressionConfig(Strict):
 
     @model_validator(mode="after")
     def _fraction_for_topk(self) -> CompressionConfig:
-        if "fraction" in self.model_fields_set and self.name != "topk":
+        # the default is accepted with any name: a recorded config (resume) dumps every field
+        default = type(self).model_fields["fraction"].default
+        if self.fraction != default and self.name != "topk":
             raise ValueError(f"fraction applies to name: topk only, not {self.name}")
         return self
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from fedcore.config import load_config
+from fedcore.config import load_config, parse_config
 from fedcore.errors import ConfigError
 from fedcore.shards import ShardSpec
 from flows.cli import main
@@ -94,3 +94,12 @@ def test_cli_names_a_missing_data_dir(tmp_path: Path, capsys) -> None:
 def test_cli_names_a_missing_config_file(tmp_path: Path, capsys) -> None:
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml does not exist" in capsys.readouterr().err
+
+
+def test_every_recorded_config_loads_again_as_a_resume_does() -> None:
+    # a resumed training re-reads the config its state.json recorded, every default included
+    for name in ("seed", "smoke", "best", "robust", "async"):  # the others need an inventory
+        path = ROOT / "configs" / f"{name}.yaml"
+        cfg = load_config(path, {"train.compression.name": "int8"})
+        again = parse_config(cfg.model_dump(mode="json"), f"resumed {path.name}")
+        assert again == cfg, path.name
