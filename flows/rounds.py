@@ -146,10 +146,22 @@ def train_rounds(ctx: RunContext, resume: ResumePoint | None = None) -> dict[str
         if result.evaluation is not None:
             evaluations[rnd] = {m: r.accuracy for m, r in result.evaluation.items()}
         weights = result.weights
+    return training_summary(ctx, evaluations, "rounds")
+
+
+def training_summary(
+    ctx: RunContext, evaluations: dict[int, dict[str, float]], unit: str
+) -> dict[str, Any]:
+    """Log the final federated accuracy (if the last round or version was scored) and return
+    the summary: name, rounds, final accuracy, accuracy per evaluated round, the run folder."""
+    cfg = ctx.cfg
     final = evaluations.get(cfg.rounds, {}).get("federated")
     if final is not None:
-        logger.info(
-            "Final federated model: %.2f%% test accuracy after %d rounds", 100 * final, cfg.rounds
+        get_run_logger().info(
+            "Final federated model: %.2f%% test accuracy after %d %s",
+            100 * final,
+            cfg.rounds,
+            unit,
         )
     return {
         "name": cfg.name,

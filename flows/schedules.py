@@ -40,6 +40,7 @@ from flows.rounds import (
     evaluate_if_due,
     record_round,
     rejection,
+    training_summary,
 )
 from tasks.aggregation import aggregate
 from tasks.workers import train_on_worker
@@ -168,19 +169,7 @@ def train_scheduled(ctx: RunContext, resume: ResumePoint | None = None) -> dict[
         for name in list(fleet.jobs):  # the last version is made: their work is not needed
             ctx.sessions[name].abandon()
         ctx.artifacts.fleet(fleet_rows(fleet))
-    final = evaluations.get(cfg.rounds, {}).get("federated")
-    if final is not None:
-        logger.info(
-            "Final federated model: %.2f%% test accuracy after %d versions", 100 * final, cfg.rounds
-        )
-    return {
-        "name": cfg.name,
-        "rounds": cfg.rounds,
-        "final_accuracy": final,
-        "evaluations": evaluations,
-        "checkpoint_dir": str(ctx.run_dir),
-        "devices": fleet_rows(fleet),
-    }
+    return {**training_summary(ctx, evaluations, "versions"), "devices": fleet_rows(fleet)}
 
 
 def give_jobs(
