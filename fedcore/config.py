@@ -364,6 +364,11 @@ def load_config(
 ) -> ExperimentConfig:
     """Read an experiment YAML file, apply dotted overrides, validate.
 
+    An `inventory` override (`fedmnist run --inventory`, the flow's `inventory` parameter) puts
+    another fleet under the same experiment: it replaces the file's `workers` or `inventory`, so
+    any recipe runs on any fleet without editing either file. A relative inventory path is read
+    from the config's folder; give callers' paths absolute.
+
     Raises:
         ConfigError: the file is missing or not YAML, or a field is invalid (named in the message).
     """
@@ -373,6 +378,8 @@ def load_config(
     raw = load_yaml_file(p) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of fields")
+    if "inventory" in (overrides or {}):
+        raw.pop("workers", None)  # the fleet given replaces the file's
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
     if "inventory" in raw:
@@ -396,7 +403,9 @@ def resolve_path(text: str, base: Path) -> Path:
 
 
 def load_inventory(path: Path) -> list[Any]:
-    """The worker list of an inventory file (a YAML list, or a mapping with `workers:`)."""
+    """The worker list of an inventory file: a YAML list, or a mapping with `workers:` (an
+    experiment file such as configs/jetsons.yaml serves as the inventory of its workers; its
+    other fields are not taken)."""
     if not path.is_file():
         raise ConfigError(
             f"inventory {path} does not exist (for the SSH lab, run `fedmnist lab up` first)"

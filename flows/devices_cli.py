@@ -159,9 +159,31 @@ def _guard(fn):
 
 def add_parsers(sub: Any) -> None:
     """Register `lab` and `workers` on the `fedmnist` parser."""
-    lab = sub.add_parser("lab", help="emulated Jetsons on this machine (real sshd on loopback)")
+    from flows.cli_help import doc
+
+    lab = sub.add_parser(
+        "lab",
+        help="emulated Jetsons on this machine (real sshd on loopback)",
+        **doc(
+            "An emulated device lab: one real sshd per worker on a loopback port, each with its "
+            "own host key, its own Linux user when run as root and only its own digits. Train on "
+            "it with configs/lab.yaml.",
+            "fedmnist lab up",
+            "fedmnist lab status",
+            "fedmnist lab down",
+        ),
+    )
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
-    p = lab_sub.add_parser("up", help="start the lab and write its inventory")
+    p = lab_sub.add_parser(
+        "up",
+        help="start the lab and write its inventory",
+        **doc(
+            "Start one sshd device per worker of a config, cut each its shard of MNIST, and "
+            "write the inventory and known_hosts that configs/lab.yaml reads.",
+            "fedmnist lab up",
+            "fedmnist lab up --config configs/seed.yaml --dir /tmp/lab",
+        ),
+    )
     p.add_argument(
         "--config",
         default="configs/seed.yaml",
@@ -170,20 +192,61 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--mnist-dir", help="MNIST files to cut shards from (default: the data dir)")
     p.add_argument("--dir", help="lab folder (default: $FEDMNIST_HOME/lab)")
     p.set_defaults(func=_guard(cmd_lab_up))
-    for name, fn, text in (
-        ("status", cmd_lab_status, "show the lab's devices"),
-        ("down", cmd_lab_down, "stop the lab, remove its users and files"),
+    for name, fn, text, description in (
+        (
+            "status",
+            cmd_lab_status,
+            "show the lab's devices",
+            "One line per device: running or stopped, port, user, pid; exit 1 when any stopped.",
+        ),
+        (
+            "down",
+            cmd_lab_down,
+            "stop the lab, remove its users and files",
+            "Stop every sshd the lab started and delete exactly the users and files it created.",
+        ),
     ):
-        p = lab_sub.add_parser(name, help=text)
+        p = lab_sub.add_parser(
+            name,
+            help=text,
+            **doc(description, f"fedmnist lab {name}", f"fedmnist lab {name} --dir /tmp/lab"),
+        )
         p.add_argument("--dir", help="lab folder (default: $FEDMNIST_HOME/lab)")
         p.set_defaults(func=_guard(fn))
 
-    workers = sub.add_parser("workers", help="check or trust the workers of a config")
+    workers = sub.add_parser(
+        "workers",
+        help="check or trust the workers of a config",
+        **doc(
+            "Pre-flight checks of a config's workers before a training, and recording an SSH "
+            "device's host key after showing its fingerprint.",
+            "fedmnist workers check configs/lab.yaml",
+            "fedmnist workers trust alice --config configs/jetsons.yaml",
+        ),
+    )
     w_sub = workers.add_subparsers(dest="workers_command", required=True)
-    p = w_sub.add_parser("check", help="pre-flight table; exit 1 when any worker is not ready")
+    p = w_sub.add_parser(
+        "check",
+        help="pre-flight table; exit 1 when any worker is not ready",
+        **doc(
+            "Start every worker of a config once: host key, Python, torch, device, round-trip "
+            "latency and shard per worker, with the reason for any that is not ready.",
+            "fedmnist workers check configs/seed.yaml",
+            "fedmnist workers check configs/lab.yaml",
+        ),
+    )
     p.add_argument("config", help="experiment or lab config, e.g. configs/lab.yaml")
     p.set_defaults(func=_guard(cmd_workers_check))
-    p = w_sub.add_parser("trust", help="record a device's SSH host key after showing it")
+    p = w_sub.add_parser(
+        "trust",
+        help="record a device's SSH host key after showing it",
+        **doc(
+            "Fetch an SSH worker's host key, show its fingerprint and record it in the "
+            "config's known_hosts once you confirm it matches the device's own.",
+            "fedmnist workers trust alice --config configs/jetsons.yaml",
+            "fedmnist workers trust alice --config configs/lab.yaml --yes",
+        ),
+    )
     p.add_argument("name", help="worker name")
     p.add_argument("--config", required=True, help="config that names the worker")
     p.add_argument("--yes", action="store_true", help="trust without asking (default: ask)")

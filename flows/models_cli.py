@@ -31,6 +31,8 @@ REGISTERED_MODEL = "federated-mnist-cnn"  # tasks.tracking.REGISTERED_MODEL, kep
 
 def add_parsers(sub: Any) -> None:
     """Add the `models` and `ui` subcommands to `fedmnist`'s subparsers."""
+    from flows.cli_help import doc
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--tracking-uri",
@@ -40,23 +42,73 @@ def add_parsers(sub: Any) -> None:
         "--name", default=REGISTERED_MODEL, help=f"registered model (default: {REGISTERED_MODEL})"
     )
 
-    models = sub.add_parser("models", help="list, export and evaluate registered model versions")
+    models = sub.add_parser(
+        "models",
+        help="list, export and evaluate registered model versions",
+        **doc(
+            "The registered global models of past trainings (one version per evaluated round, "
+            "aliases `current` and `champion`). Reading a version downloads only its "
+            "safetensors file, checks its size and hash, and builds the Net with this "
+            "checkout's code: nothing stored in MLflow is executed.",
+            "fedmnist models list",
+            "fedmnist models evaluate champion",
+            "fedmnist models export champion --out champion.safetensors",
+        ),
+    )
     msub = models.add_subparsers(dest="models_command", required=True)
-    p = msub.add_parser("list", parents=[common], help="versions with round, accuracy, aliases")
+    p = msub.add_parser(
+        "list",
+        parents=[common],
+        help="versions with round, accuracy, aliases",
+        **doc(
+            "One line per version of the registered model: its round, federated test accuracy, "
+            "aliases and the MLflow run that logged it.",
+            "fedmnist models list",
+            "fedmnist models list --tracking-uri http://127.0.0.1:5000",
+        ),
+    )
     p.set_defaults(func=cmd_list)
     ref_help = "a version number (3) or an alias (champion, current)"
-    p = msub.add_parser("export", parents=[common], help="write a version's safetensors file")
+    p = msub.add_parser(
+        "export",
+        parents=[common],
+        help="write a version's safetensors file",
+        **doc(
+            "Write a version's weights as a safetensors file, after checking it is this Net's "
+            "(names, shapes, dtypes, values) and that its SHA-256 matches the registration.",
+            "fedmnist models export champion --out champion.safetensors",
+            "fedmnist models export 3 --out v3.safetensors",
+        ),
+    )
     p.add_argument("ref", metavar="VERSION|ALIAS", help=ref_help)
     p.add_argument("--out", required=True, help="file to write (.safetensors)")
     p.set_defaults(func=cmd_export)
     p = msub.add_parser(
-        "evaluate", parents=[common], help="load a version and score it on the MNIST test set"
+        "evaluate",
+        parents=[common],
+        help="load a version and score it on the MNIST test set",
+        **doc(
+            "Score a version on the MNIST test set on this machine and print the seed's "
+            "evaluation lines; exit 1 when the score differs from the one logged with it.",
+            "fedmnist models evaluate champion",
+            "fedmnist models evaluate 3 --data-dir .fedmnist/data/mnist",
+        ),
     )
     p.add_argument("ref", metavar="VERSION|ALIAS", help=ref_help)
     p.add_argument("--data-dir", help="MNIST directory (default: $FEDMNIST_HOME/data/mnist)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("ui", help="open the MLflow UI on the project's store (mlflow ui)")
+    p = sub.add_parser(
+        "ui",
+        help="open the MLflow UI on the project's store (mlflow ui)",
+        **doc(
+            "Start `mlflow ui` on the project's store (its SQLite file and artifact folder) in "
+            "the foreground; with a tracking server as the store, print its address instead.",
+            "fedmnist ui",
+            "fedmnist ui --port 5001 --host 0.0.0.0",
+            "fedmnist ui --print-command",
+        ),
+    )
     p.add_argument(
         "--tracking-uri",
         help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///$FEDMNIST_HOME/mlflow.db)",

@@ -12,8 +12,9 @@ parameter, so `overrides` accepts only the dotted keys of `TRAINING_FIELDS` (rou
 local training, the strategy, evaluation, the quorum, the deadlines). The inventory, interpreters,
 ssh settings, names, screening, data directories and the tracking store come only from files on
 the coordinator, which the operator writes (`fedmnist run --set` may change them: it writes a
-derived config file, see flows/cli.py). A refused key is a `ConfigError` naming it, its value and
-the way to change it.
+derived config file, see flows/cli.py); the `inventory` parameter only picks such a file
+(`check_inventory_path`), whose workers replace the experiment's. A refused key is a
+`ConfigError` naming it, its value and the way to change it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ LearningRate = Annotated[float | None, Field(gt=0)]
 Seed = int | None
 DataDir = Annotated[str | None, Field(min_length=1)]
 ConfigPath = Annotated[str, Field(min_length=1)]
+InventoryPath = Annotated[str | None, Field(min_length=1)]
 Overrides = dict[str, Any] | None
 
 
@@ -119,6 +121,42 @@ def check_config_path(path: Path) -> Path:
     return path
 
 
+def check_inventory_path(inventory: str) -> Path:
+    """The inventory file a run puts under its experiment (`--inventory`, the flow's `inventory`
+    parameter): an existing file in `config_roots()` or `$FEDMNIST_HOME/lab` (where `fedmnist lab
+    up` writes its inventory), not writable by everyone. It names interpreters, hosts and ssh
+    settings, so, like `config_path`, it comes only from files the operator wrote on the
+    coordinator, never from a parameter's content.
+
+    Raises:
+        ConfigError: the file is missing, elsewhere or world-writable (the message says the fix).
+    """
+    from fedcore.config import fedmnist_home
+
+    path = resolve_config_path(inventory).expanduser().resolve()
+    lab = (fedmnist_home() / "lab").resolve()
+    if not path.is_file():
+        raise ConfigError(
+            f"inventory {inventory!r} does not exist (looked at {path}); give a file in "
+            f"{CHECKOUT / 'configs'}, e.g. configs/jetsons.yaml"
+        )
+    if not is_trusted_config(path) and not path.is_relative_to(lab):
+        raise ConfigError(
+            f"inventory {inventory!r} is outside "
+            f"{' or '.join(str(r) for r in [*config_roots(), lab])}: a run reads inventories "
+            "only from there; copy the file into one of them"
+        )
+    return check_config_path(path) if is_trusted_config(path) else _not_world_writable(path)
+
+
+def _not_world_writable(path: Path) -> Path:
+    if path.stat().st_mode & 0o002:
+        raise ConfigError(
+            f"{str(path)!r} is writable by every user of this host; `chmod o-w {path}` first"
+        )
+    return path
+
+
 def resolve_config_path(config_path: str) -> Path:
     """`config_path` as given when it exists (or is absolute), else under the checkout, so a
     served deployment finds `configs/seed.yaml` whatever directory `fedmnist serve` started in."""
@@ -138,12 +176,14 @@ def config_overrides(
     lr: float | None = None,
     seed: int | None = None,
     data_dir: str | None = None,
+    inventory: str | None = None,
 ) -> dict[str, Any]:
     """Merge the typed parameters into dotted overrides for `fedcore.config.load_config`.
 
     Order: a strategy section replaced by name (only when the name differs from the file's, so the
     file's options for the same strategy survive), then `overrides`, then the typed scalars, which
-    win over the same keys in `overrides`.
+    win over the same keys in `overrides`. `inventory`, checked by `check_inventory_path`,
+    becomes the absolute path that replaces the file's workers.
     """
     merged: dict[str, Any] = {}
     if strategy is not None and strategy != _file_strategy(config_path):
@@ -151,6 +191,8 @@ def config_overrides(
     merged.update(check_overrides(overrides))
     typed = {"rounds": rounds, "train.lr": lr, "seed": seed, "data_dir": data_dir}
     merged.update({k: v for k, v in typed.items() if v is not None})
+    if inventory is not None:
+        merged["inventory"] = str(check_inventory_path(inventory))
     return merged
 
 

@@ -1,10 +1,14 @@
-"""The federated CNN as an MLflow model: written as a pyfunc "model from code" for MLflow's own
-tools, read back only as its safetensors file with the LOCAL model code.
+"""The federated CNN as an MLflow model: written as a self-contained pyfunc "model from code" for
+MLflow's own tools, read back only as its safetensors file with the LOCAL model code.
 
 Writing: MLflow pickles a `PythonModel` object with cloudpickle unless the model is given as code;
 `save()` hands MLflow the *path* of `tasks/mlflow_pyfunc.py`, so a logged model holds that source,
-`artifacts/weights.safetensors` and text (MLmodel, requirements): no pickle anywhere in the
-registry, and `mlflow models serve` can still load it.
+`artifacts/weights.safetensors`, the few fedcore modules the pyfunc imports (`code/fedcore/`,
+MLflow's `code_paths`: the Net, and fedcore's own safetensors reader that checks every tensor
+against it), an input example and text (MLmodel, requirements: torch and numpy, MLflow adds
+itself). No pickle anywhere in the registry, and no dependency on this checkout: `mlflow models
+serve` and `mlflow.pyfunc.load_model` work on any machine with MLflow and torch
+(tests/tasks/test_model_serving.py serves a registered version from a fresh venv).
 
 Reading: nothing here loads a model through pyfunc. `mlflow.pyfunc.load_model` executes the
 `mlflow_model.py` kept in the artifact store, honours the MLmodel's `loader_module` and unpickles
@@ -22,6 +26,7 @@ gives them. Output: (N, 10) float32 log-probabilities.
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import tempfile
 import warnings
@@ -39,6 +44,10 @@ WEIGHTS_PATH = f"artifacts/{WEIGHTS_FILE}"  # inside a logged model's directory
 SHA_TAG = "weights_sha256"  # the version tag recording the file's hash
 HEADER_ALLOWANCE = 64 * 1024  # safetensors header and metadata beyond the raw tensor bytes
 PYFUNC_CODE = Path(__file__).resolve().with_name("mlflow_pyfunc.py")
+# The fedcore modules `mlflow_pyfunc.py` imports (checkpoint, model) and what they import: the
+# code that travels with every logged model. Fixed here rather than walked at each save (a
+# thread-unsafe `ast.parse` on the logging thread); a test holds it equal to the import closure.
+MODEL_CODE_MODULES = ("__init__", "checkpoint", "errors", "model", "tensorcodec", "wire")
 
 
 class StoredModelError(FedError):
@@ -155,10 +164,11 @@ def load_stored_weights(
 
 
 def pip_requirements() -> list[str]:
-    """What loading through MLflow's tools needs, stated (never inferred)."""
-    import fedcore
-
-    return ["torch>=2.1", "numpy>=1.24", f"federated-mnist=={fedcore.__version__}"]
+    """What loading through MLflow's tools needs, stated (never inferred): torch and numpy. The
+    model's own code travels in `code/` and reads the weights with fedcore's safetensors reader
+    (torch and the standard library), so neither this project nor `safetensors` is required;
+    MLflow adds its own pin."""
+    return ["torch>=2.1", "numpy>=1.24"]
 
 
 def signature() -> Any:
@@ -172,6 +182,39 @@ def signature() -> Any:
     )
 
 
+def input_example() -> np.ndarray:
+    """One blank image, normalised as the Net expects: what `mlflow models serve` and the UI
+    show as a request (`{"inputs": [[[[...]]]]}`)."""
+    from fedcore.model import NORMALIZE_MEAN, NORMALIZE_STD
+
+    return np.full((1, 1, 28, 28), (0.0 - NORMALIZE_MEAN) / NORMALIZE_STD, dtype=np.float32)
+
+
+class _QuietValidation(logging.Filter):
+    """Drops MLflow's INFO line "Validating input example against model signature", which
+    `save_model` logs for every model (a check of the example's shape, no prediction): one line
+    per evaluated round in the training's terminal otherwise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Validating input example")
+
+
+_QUIET = _QuietValidation()
+
+
+def model_code(folder: Path) -> Path:
+    """Copy the fedcore modules of `MODEL_CODE_MODULES` into `folder/fedcore` and return that
+    package folder: what `code_paths` ships with the model."""
+    import fedcore
+
+    source = Path(fedcore.__file__).resolve().parent
+    package = folder / "fedcore"
+    package.mkdir(parents=True)
+    for module in MODEL_CODE_MODULES:
+        shutil.copyfile(source / f"{module}.py", package / f"{module}.py")
+    return package
+
+
 def save(
     path: Path, weights_file: Path, metadata: dict[str, Any], mlflow_model: Any = None
 ) -> Path:
@@ -182,27 +225,32 @@ def save(
         weights_file: a safetensors file of the Net (stored as artifacts/weights.safetensors).
         metadata: JSON-able facts shown in MLmodel (round, strategy, config hash, accuracy, ...).
         mlflow_model: an `mlflow.models.Model` carrying run/model ids, when logging.
+
+    Returns:
+        `path`, holding MLmodel, mlflow_pyfunc.py, code/fedcore/, artifacts/weights.safetensors,
+        the input example and the environment files.
     """
     import mlflow.pyfunc
 
-    if weights_file.name != WEIGHTS_FILE:  # the artifact keeps its file name: make it ours
-        with tempfile.TemporaryDirectory(prefix="fedmnist-weights-") as tmp:
-            named = Path(tmp) / WEIGHTS_FILE
-            shutil.copyfile(weights_file, named)
-            return save(path, named, metadata, mlflow_model)
-    with warnings.catch_warnings():
-        # No input example (it would run a prediction per save) and no type hints (the tensor
-        # signature is given explicitly): MLflow warns about both.
-        warnings.simplefilter("ignore", UserWarning)
-        mlflow.pyfunc.save_model(
-            str(path),
-            python_model=str(PYFUNC_CODE),
-            artifacts={WEIGHTS: str(weights_file)},
-            pip_requirements=pip_requirements(),
-            signature=signature(),
-            metadata=metadata,
-            mlflow_model=mlflow_model,
-        )
+    logging.getLogger("mlflow.pyfunc").addFilter(_QUIET)  # addFilter skips one already there
+    with tempfile.TemporaryDirectory(prefix="fedmnist-model-code-") as tmp:
+        named = Path(tmp) / "weights" / WEIGHTS_FILE  # the artifact keeps its file name
+        named.parent.mkdir()
+        shutil.copyfile(weights_file, named)
+        with warnings.catch_warnings():
+            # No type hints (the tensor signature is given explicitly): MLflow warns about it.
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.pyfunc.save_model(
+                str(path),
+                python_model=str(PYFUNC_CODE),
+                artifacts={WEIGHTS: str(named)},
+                code_paths=[str(model_code(Path(tmp) / "code"))],
+                pip_requirements=pip_requirements(),
+                signature=signature(),
+                input_example=input_example(),
+                metadata=metadata,
+                mlflow_model=mlflow_model,
+            )
     return path
 
 

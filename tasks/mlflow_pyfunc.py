@@ -2,7 +2,9 @@
 MLflow's own tools (`mlflow models serve`, `mlflow.pyfunc.load_model` by someone who trusts the
 store). This project never loads a model through it: `tasks/mlflow_model.py` reads the weights
 file with the local code. MLflow executes this file on load, so it imports only torch, numpy,
-MLflow and fedcore.
+MLflow and fedcore; the fedcore it finds is the copy in the model's own `code/` folder (MLflow
+puts it first on sys.path), `tasks/mlflow_model.MODEL_CODE_MODULES`, so a machine without this
+project loads it too.
 """
 
 from pathlib import Path

@@ -103,3 +103,23 @@ def test_every_recorded_config_loads_again_as_a_resume_does() -> None:
         cfg = load_config(path, {"train.compression.name": "int8"})
         again = parse_config(cfg.model_dump(mode="json"), f"resumed {path.name}")
         assert again == cfg, path.name
+
+
+def test_an_inventory_override_replaces_the_fleet(tmp_path: Path) -> None:
+    seed = ROOT / "configs" / "seed.yaml"
+    iid = ROOT / "configs" / "local-iid.yaml"
+    cfg = load_config(seed, {"inventory": str(iid)})  # a file with workers: they are replaced
+    assert [w.name for w in cfg.workers] == ["iid-0", "iid-1", "iid-2", "testing"]
+    assert cfg.workers[1].shard() == ShardSpec.iid(1, 3, 1, "train")
+    assert cfg.digit_groups() == []  # no label shards: no digit groups to report
+    lab = load_config(ROOT / "configs" / "lab.yaml", {"inventory": "local-iid.yaml"})
+    assert len(lab.workers) == 4  # a file with its own inventory; relative to the config's folder
+    assert lab.model_dump(exclude={"workers"}) == load_config(
+        ROOT / "configs" / "lab.yaml", {"inventory": str(iid)}
+    ).model_dump(exclude={"workers"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("workers:\n  - {name: a, labels: [0], transport: ssh}\n")
+    with pytest.raises(ConfigError, match=r"workers.0: Value error, transport: ssh needs"):
+        load_config(seed, {"inventory": str(bad)})  # validated like the file's own workers
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(seed, {"inventory": str(tmp_path / "none.yaml")})

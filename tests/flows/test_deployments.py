@@ -18,7 +18,6 @@ import re
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import ROOT
+from waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -113,12 +113,7 @@ def _stop(proc: subprocess.Popen | None, grace: float = 20.0) -> None:
 
 
 def _wait_for(what: str, check, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    pytest.fail(f"{what} not ready after {timeout:.0f}s; log:\n{log.read_text()[-4000:]}")
+    wait_until(check, timeout, f"{what} ready", lambda: f"log:\n{log.read_text()[-4000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -328,6 +323,7 @@ def test_mlflow_run_carries_the_prefect_flow_run(stack: Stack, seed_run) -> None
     _, run_id = seed_run
     client = MlflowClient(tracking_uri=f"sqlite:///{stack.home / 'mlflow.db'}")
     exp = client.get_experiment_by_name("federated-mnist")
+    assert exp is not None
     [run] = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{run_id}'")
     assert run.info.status == "FINISHED"
     assert run.data.params["rounds"] == "2"

@@ -20,7 +20,7 @@ from fedcore.resume import find_run_dir
 from flows.cli import derived_config, flow_arguments
 from flows.deployments import load_deployments
 from flows.federated import federated_mnist
-from flows.parameters import check_config_path, check_overrides
+from flows.parameters import check_config_path, check_overrides, config_overrides
 
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
@@ -138,3 +138,53 @@ def test_flow_arguments_split_training_fields_from_the_rest(home: Path, tmp_path
     shutil.copyfile(SMOKE, elsewhere)
     copied = Path(flow_arguments(str(elsewhere), {})["config_path"])
     assert copied.parent == home / "configs" and load_config(copied) == load_config(elsewhere)
+
+
+# --- another fleet under the same experiment: `--inventory` and the `inventory` parameter ---
+
+BEST = ROOT / "configs" / "best.yaml"
+IID = ROOT / "configs" / "local-iid.yaml"
+
+
+def test_an_inventory_parameter_replaces_the_workers_with_a_checked_file() -> None:
+    merged = config_overrides(BEST, None, rounds=2, inventory="configs/local-iid.yaml")
+    assert merged == {"rounds": 2, "inventory": str(IID)}
+    cfg = load_config(BEST, merged)
+    assert [w.name for w in cfg.workers] == ["iid-0", "iid-1", "iid-2", "testing"]
+    assert (cfg.name, cfg.strategy.name, cfg.rounds) == ("best", "scaffold", 2)
+    # an experiment file serves as the inventory of its workers (configs/jetsons.yaml)
+    jetsons = load_config(BEST, config_overrides(BEST, None, inventory="configs/jetsons.yaml"))
+    assert {w.transport for w in jetsons.workers} == {"ssh"}
+    assert jetsons.train.label_smoothing == 0.1  # the recipe stays best.yaml's
+
+
+def test_an_inventory_from_elsewhere_is_refused(tmp_path: Path, home: Path) -> None:
+    evil = tmp_path / "inv.yaml"
+    evil.write_text("- {name: a, python: /tmp/evil.sh}\n- {name: t, role: evaluator}\n")
+    with pytest.raises(ConfigError) as err:
+        config_overrides(BEST, None, inventory=str(evil))
+    assert f"inventory {str(evil)!r} is outside " in str(err.value)
+    assert str(home / "lab") in str(err.value)  # where `fedmnist lab up` writes its inventory
+    with pytest.raises(ConfigError, match="inventory 'configs/none.yaml' does not exist"):
+        config_overrides(BEST, None, inventory="configs/none.yaml")
+    lab = home / "lab" / "lab-workers.yaml"
+    lab.parent.mkdir(parents=True)
+    shutil.copyfile(IID, lab)
+    assert config_overrides(BEST, None, inventory=str(lab)) == {"inventory": str(lab)}
+    lab.chmod(0o666)
+    with pytest.raises(ConfigError, match="writable by every user of this host"):
+        config_overrides(BEST, None, inventory=str(lab))
+
+
+def test_cli_inventory_runs_the_recipe_on_that_fleet(home: Path, capsys) -> None:
+    from flows.cli import main
+
+    argv = ["run", str(BEST), "--inventory", "configs/local-iid.yaml", "--set", "data_dir=/no"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "data directory missing for iid-0: /no; iid-1: /no; iid-2: /no; testing: /no" in err
+    derived = flow_arguments(str(BEST), {"inventory": str(IID)})
+    assert derived["overrides"] is None
+    cfg = load_config(derived["config_path"])
+    assert [w.name for w in cfg.workers] == ["iid-0", "iid-1", "iid-2", "testing"]
+    assert cfg.strategy.name == "scaffold"

@@ -22,7 +22,7 @@ def test_pyfunc_loads_the_safetensors_file_and_predicts(tmp_path: Path) -> None:
     assert "artifacts/weights.safetensors" in files and "mlflow_pyfunc.py" in files
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
     reqs = (model_dir / "requirements.txt").read_text().split()
-    assert "torch>=2.1" in reqs and any(r.startswith("federated-mnist==") for r in reqs)
+    assert "torch>=2.1" in reqs and not any(r.startswith("federated-mnist") for r in reqs)
 
     net, meta = mlflow_model.load(model_dir)
     assert meta["strategy"] == "mean"
