@@ -8,7 +8,8 @@ Coordinator -> worker, each answered by exactly one frame:
 Any request may be answered by `error` (type and message). Tensors travel in the frame's
 safetensors payload, grouped by a name prefix: `global/...` (the round's model) and strategy
 extras in a train request; `weights/...` and extras in an update; `<model>/...` in an evaluate
-request. Runs on the device (Python 3.8).
+request. The message types and the bounds on their numbers are fedcore.messages' (re-exported
+here); this module turns them into frames and reads them back. Runs on the device (Python 3.8).
 
 Update compression (`TrainPlan.compression`, fedcore.compression) changes only the payload: the
 request's float groups travel in the scheme's downlink codec, and the update carries the delta
@@ -27,7 +28,6 @@ received it drops the connection (fedcore.session).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -35,70 +35,24 @@ import torch
 from . import compression, tensorcodec, wire
 from .errors import WireError
 from .evaluation import EvalResult
+
+# The messages are their own module (fedcore.messages); every name stays importable from here.
+from .messages import CLASSES as CLASSES
+from .messages import COMPRESSION_PROTOCOL as COMPRESSION_PROTOCOL
+from .messages import MAX_COUNT as MAX_COUNT
+from .messages import MAX_GROUPS as MAX_GROUPS
+from .messages import MAX_ROUND as MAX_ROUND
+from .messages import PROTOCOL_VERSION as PROTOCOL_VERSION
+from .messages import Hello as Hello
+from .messages import RemoteError as RemoteError
+from .messages import Tensors as Tensors
+from .messages import TrainRequest as TrainRequest
+from .messages import Update as Update
 from .model import weight_spec
 from .pacing import MAX_SLOWDOWN, MODES
 from .training import TrainMetrics, TrainPlan
 
-# 2: train plans may carry `compression` (fedcore.compression). A worker says its version in its
-# hello; one below COMPRESSION_PROTOCOL is never sent a compressed request (fedcore.session).
-PROTOCOL_VERSION = 2
-COMPRESSION_PROTOCOL = 2
-Tensors = Dict[str, torch.Tensor]
-CLASSES = 10  # MNIST's digits: labels, confusion rows and columns, evaluation groups' members
-MAX_ROUND = 2**31 - 1
-# No device holds 2^31 images; a count past it is a lie, refused before anyone weights by it.
-MAX_COUNT = 2**31 - 1
-MAX_GROUPS = 64  # digit groups in an evaluate request
 _LABELS = {str(d): d for d in range(CLASSES)}
-
-
-@dataclass(frozen=True)
-class Hello:
-    """A worker introducing itself: who, what it holds, what it runs on."""
-
-    worker: str
-    shard: str
-    label_counts: Dict[int, int]
-    python: str
-    torch: str
-    device: str
-    threads: int
-    pid: int
-    protocol: int = PROTOCOL_VERSION
-    # A slowed or steady device (fedcore.pacing): its factor and the mechanism in force. An older
-    # worker's hello has neither and reads as unpaced.
-    slowdown: float = 1.0
-    pacing: str = "none"
-
-    @property
-    def num_examples(self) -> int:
-        return sum(self.label_counts.values())
-
-
-@dataclass(frozen=True)
-class TrainRequest:
-    """Train one round from `weights` with `plan`; `extras` are a strategy's named tensor sets."""
-
-    round: int
-    plan: TrainPlan
-    sample_seed: int
-    weights: Tensors
-    extras: Dict[str, Tensors] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Update:
-    """What a worker returns from one round: weights, example count, metrics, extras."""
-
-    worker: str
-    round: int
-    weights: Tensors
-    num_examples: int
-    metrics: TrainMetrics
-    extras: Dict[str, Tensors] = field(default_factory=dict)
-    wire_bytes: int = 0  # bytes of the request plus the reply, as sent
-    wire_bytes_down: int = 0  # of which the request's (coordinator -> worker)
-
 
 # -- encoding -------------------------------------------------------------------------------
 
@@ -435,12 +389,3 @@ def expect(meta: wire.Meta, kind: str) -> None:
         )
     if meta.get("type") != kind:
         raise WireError(f"expected a {kind!r} message, got {wire.quote(meta.get('type'))}")
-
-
-class RemoteError(Exception):
-    """The worker answered with an error frame."""
-
-    def __init__(self, error: str, message: str) -> None:
-        super().__init__(f"{error}: {message}")
-        self.error = error
-        self.message = message

@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import pwd
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -27,6 +27,7 @@ import pydantic
 import pytest
 import torch
 from labkit import IS_ROOT, SEED_SHARDS, start_lab
+from waiting import wait_until
 
 from fedcore.errors import HostKeyMismatch, WorkerFailed, WorkerTimeout, WorkerUnreachable
 from fedcore.model import initial_weights
@@ -302,9 +303,8 @@ def test_changed_host_key_is_refused_with_both_fingerprints(lab: LabInfo, tmp_pa
 
 def test_connection_refused_is_transient_and_named(lab: LabInfo) -> None:
     port = _closed_port()
-    start = time.monotonic()
     exc = _hello_error(cfg(lab, "alice", port=port), launch(lab, "alice"))
-    assert time.monotonic() - start < 10
+    # The refusal itself, not a deadline running out (that would be a WorkerTimeout).
     assert type(exc) is WorkerUnreachable
     assert "'alice'" in str(exc) and f"127.0.0.1:{port} refused" in str(exc)
     assert "sshd running" in str(exc)
@@ -372,14 +372,23 @@ def small_lab(request: pytest.FixtureRequest, mnist_dir: Path) -> LabInfo:
     )
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds process `pid` has used (/proc/<pid>/stat, fields 14-15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_a_device_dying_mid_training_is_unreachable_without_hanging(small_lab: LabInfo) -> None:
     lab = small_lab
     session = WorkerSession(launch(lab, "dora"), SSHTransport(cfg(lab, "dora", keepalive=1)))
     try:
-        assert session.hello(timeout=120).label_counts == {0: 5923, 1: 6742}
+        hello = session.hello(timeout=120)
+        assert hello.label_counts == {0: 5923, 1: 6742}
         w = initial_weights(1)
         session.train(TrainRequest(1, TrainPlan(steps=2), 11, w), timeout=60)
-        # A long round, killed while the worker computes it.
+        # A long round, killed while the worker computes it: once the worker (a process of this
+        # machine: the lab is loopback) has spent CPU time on it since the request went out.
+        idle = cpu_seconds(hello.pid)
         outcome: dict[str, object] = {}
 
         def long_round() -> None:
@@ -390,7 +399,7 @@ def test_a_device_dying_mid_training_is_unreachable_without_hanging(small_lab: L
 
         thread = threading.Thread(target=long_round)
         thread.start()
-        time.sleep(1.5)
+        wait_until(lambda: cpu_seconds(hello.pid) >= idle + 0.5, 60, "dora computing round 2")
         kill_host(lab.lab_dir, "dora")
         thread.join(30)
         assert not thread.is_alive(), "the train call hung after the device died"

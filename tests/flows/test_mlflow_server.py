@@ -19,12 +19,12 @@ import re
 import signal
 import socket
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from waiting import wait_until
 
 import fedcore
 from fedcore.checkpoint import load_weights
@@ -98,17 +98,16 @@ class Server:
             )
 
     def wait_healthy(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def healthy() -> bool:
             if self.proc.poll() is not None:
                 pytest.fail(f"mlflow server exited: {self.log.read_text()[-3000:]}")
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
+                    return resp.status == 200
             except OSError:
-                time.sleep(0.5)
-        pytest.fail(f"mlflow server not healthy after {timeout}s: {self.log.read_text()[-3000:]}")
+                return False
+
+        wait_until(healthy, timeout, "mlflow server healthy", lambda: self.log.read_text()[-3000:])
 
     def stop(self) -> None:
         if self.proc.poll() is not None:

@@ -28,9 +28,12 @@ WORKER_MODULES = (
     "evaluation",
     "tensorcodec",
     "wire",
+    "compressed_form",
     "compression",
+    "messages",
     "protocol",
     "local_algorithms",
+    "cpu_limit",
     "pacing",
     "worker",
 )
