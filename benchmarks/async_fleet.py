@@ -1,6 +1,9 @@
 """Wall time to a target accuracy under the sync, semi-sync and async schedules, with one device
 five times slower than the other two.
 
+(One file of ~900 lines on purpose: a script run by path, whose runs, scoring, report and figure
+stay together so that `--reuse` can regenerate every result from the .json alone.)
+
 Three trainers (alice, bob, charlie), charlie with `slowdown: 5` (a CPU limit where the kernel
 lets the worker take one, else it sleeps; the log's pacing line is kept with each run), on two
 splits of the same devices: IID thirds of the training set (`iid: {index, count: 3, seed: 1}`)
@@ -678,7 +681,40 @@ def report(analysis: dict[str, Any], runs: list[dict[str, Any]]) -> list[str]:
                 f"{p['updates']} | {p['pacing']} |"
             )
         lines += ["", "</details>", ""]
+        lines += device_lines(a["runs"])
     return lines
+
+
+def load_range(runs: list[dict[str, Any]]) -> str:
+    """The lowest and highest 1-minute load average recorded around the runs, e.g. "3-11"."""
+    loads = [x for r in runs for x in r.get("load", [])]
+    return f"{min(loads):.0f}-{max(loads):.0f}" if loads else "not recorded"
+
+
+def device_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """Per run and device, under a non-sync schedule: what the Prefect `devices` table shows
+    (jobs, updates contributed, their staleness, idle seconds)."""
+    rows = [
+        (p, d)
+        for p in sorted(runs, key=lambda p: (list(SCHEDULES).index(p["schedule"]), p["seed"]))
+        for d in (p["devices"] or [])
+    ]
+    if not rows:
+        return []
+    lines = [
+        "<details><summary>per device</summary>",
+        "",
+        "| schedule | seed | device | jobs | updates | staleness mean | staleness max | "
+        "dropped (stale) | failed | idle s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p, d in rows:
+        lines.append(
+            f"| {p['schedule']} | {p['seed']} | {d['device']} | {d['jobs']} | {d['updates']} | "
+            f"{d['staleness mean']:.2f} | {d['staleness max']} | {d['dropped (stale)']} | "
+            f"{d['failed']} | {d['idle s']:.1f} |"
+        )
+    return [*lines, "", "</details>", ""]
 
 
 def draw(runs: list[dict[str, Any]], analysis: dict[str, Any], path: Path) -> None:
@@ -843,9 +879,10 @@ def main(argv: list[str] | None = None) -> int:
             "scored offline; seconds from the run's timeline (start-up not counted). Tuning "
             "variants: `async-memory` (the same FedBuff with `memory: true`, MIFA), "
             "`async-const` (constant staleness). A not-reached run counts as infinitely late in "
-            "a median. The host (2 cores) was shared with other work: its load average was 2-12 "
-            "during these runs, which moves every wall time. `benchmarks/async_fleet.py`; "
-            "figure: `async_fleet.png`.\n\n" + "\n".join(lines)
+            "a median. The host (2 cores) was shared with other work: its 1-minute load "
+            f"average was {load_range(runs)} during these runs (before and after each), which "
+            f"moves every wall time. `benchmarks/async_fleet.py`; figure: "
+            f"`{out.with_suffix('.png').name}`.\n\n" + "\n".join(lines)
         )
         if runs:
             draw(runs, analysis, out.with_suffix(".png"))

@@ -14,7 +14,8 @@ tuned to averaged updates and was not measured with these rules.
 
     {name: median, server_lr, momentum, nesterov}
     {name: trimmed-mean, beta: 1/3, server_lr, momentum, nesterov}
-    {name: clipped-mean, weighting, bound: median, center: global, server_lr, momentum, nesterov}
+    {name: clipped-mean, weighting, bound: median, center: global, radius: 1, iterations: 1,
+     server_lr, momentum, nesterov}
 
 The median and the trimmed mean are unweighted (`weighting: unweighted` is all they accept):
 weighting by reported example counts would give back to a lying worker the say the rule takes
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import Strategy
 from .fedopt import FedOpt, ServerSGDOptions
@@ -72,18 +73,39 @@ class TrimmedMeanConfig(RobustOptions):
 
 
 class ClippedMeanConfig(RobustOptions):
-    """`{name: clipped-mean, weighting, bound: median, center: global, server_lr, momentum}`.
+    """`{name: clipped-mean, weighting, bound: median, center: global, radius: 1, iterations: 1,
+    server_lr, momentum}`.
 
     bound: `median` (the round's median distance from the center) or a fixed norm M > 0.
     center: `global` (clip how far each update moves the global model; Sun et al. 2019) or
     `median` (clip how far each update is from the round's coordinate-wise median: centered
     clipping, Karimireddy et al. 2021, which also stops a flipped update of honest size).
+    radius: the median bound times this, in (0, 1] (a tighter radius clips the farther honest
+    update too). iterations: steps of centered clipping, each from the last one's result with
+    the median distance from it as its radius (Karimireddy et al. 2021, Algorithm 2; only with
+    `center: median`).
     """
 
     name: Literal["clipped-mean"]
     weighting: Weighting
     bound: Literal["median"] | Annotated[float, Field(gt=0)] = "median"
     center: Literal["global", "median"] = "global"
+    radius: Annotated[float, Field(gt=0, le=1)] = 1.0
+    iterations: Annotated[int, Field(ge=1, le=10)] = 1
+
+    @model_validator(mode="after")
+    def _radius_and_iterations_fit(self) -> ClippedMeanConfig:
+        if self.radius != 1 and self.bound != "median":
+            raise ValueError(
+                f"radius {self.radius} scales the median bound, not a fixed bound "
+                f"{self.bound}: set bound: median, or drop radius"
+            )
+        if self.iterations > 1 and self.center != "median":
+            raise ValueError(
+                f"iterations {self.iterations} need center: median (the steps of centered "
+                "clipping); around the global model there is one step"
+            )
+        return self
 
     def rule(self) -> CombineRule:
-        return ClippedMean(self.bound, self.center)
+        return ClippedMean(self.bound, self.center, self.radius, self.iterations)

@@ -31,6 +31,13 @@ so they equal global + the same rule over the deltas w_i - global.
   honest distance of the honest updates; the honest ones, within M of c, keep their full weight
   (the median alone keeps one honest value per coordinate, this keeps their mean). Without an
   attack and with every delta within M it is exactly the weighted mean.
+  `iterations: l` runs the paper's Algorithm 2 for l steps, v_{k+1} = v_k + weighted mean of
+  clip(w_i - v_k, M_k), v_0 the center, each step's radius M_k the median of ||w_i - v_k|| (a
+  per-step radius tau_k, as in the paper): every step starts from an estimate nearer the honest
+  updates than the last, so the flipped or scaled one is clipped from a better point.
+  `radius: f` scales every median radius by f (a tighter radius, f < 1, as the paper's analysis
+  asks of tau: large enough for the honest spread, no larger): with one hostile update in three,
+  the median distance is an honest one, and f < 1 clips the farther honest update too.
 
 Each rule also gives its parameters for the training's record (`params`).
 """
@@ -122,21 +129,45 @@ class TrimmedMean(CombineRule):
 
 class ClippedMean(CombineRule):
     """Each delta clipped to norm `bound` (a number, or "median": the round's median delta
-    norm), then the weighted mean (Sun et al. 2019). The deltas are taken from the global model
-    (`center="global"`) or from the round's coordinate-wise median (`center="median"`: centered
-    clipping, Karimireddy et al. 2021).
+    norm, times `radius`), then the weighted mean (Sun et al. 2019). The deltas are taken from
+    the global model (`center="global"`) or from the round's coordinate-wise median
+    (`center="median"`: centered clipping, Karimireddy et al. 2021), for `iterations` steps of
+    the paper's Algorithm 2, each from the last step's result.
 
     Raises:
-        ValueError: a bound that is neither "median" nor a number > 0, or an unknown center.
+        ValueError: a bound that is neither "median" nor a number > 0, an unknown center, a
+            radius outside (0, 1] or not with the median bound, iterations < 1 or more than one
+            step around the global model.
     """
 
-    def __init__(self, bound: float | str, center: str = "global") -> None:
+    def __init__(
+        self,
+        bound: float | str,
+        center: str = "global",
+        radius: float = 1.0,
+        iterations: int = 1,
+    ) -> None:
         if bound != "median" and not (isinstance(bound, float | int) and bound > 0):
             raise ValueError(f"clipping bound must be 'median' or a number > 0, got {bound!r}")
         if center not in ("global", "median"):
             raise ValueError(f"clipping center must be 'global' or 'median', got {center!r}")
+        if not 0 < radius <= 1:
+            raise ValueError(f"clipping radius must be in (0, 1], got {radius!r}")
+        if radius != 1 and bound != "median":
+            raise ValueError(
+                f"clipping radius {radius!r} scales the median bound: set bound: median"
+            )
+        if not (isinstance(iterations, int) and iterations >= 1):
+            raise ValueError(f"clipping iterations must be an integer >= 1, got {iterations!r}")
+        if iterations > 1 and center != "median":
+            raise ValueError(
+                f"clipping iterations {iterations} need center: median (around the global "
+                "model a second step would clip the first step's result again, not the updates)"
+            )
         self.bound = bound
         self.center = center
+        self.radius = float(radius)
+        self.iterations = iterations
 
     def combine(
         self,
@@ -148,27 +179,39 @@ class ClippedMean(CombineRule):
             center: Mapping[str, torch.Tensor] = coordinate_median([u.weights for u in updates])
         else:
             center = global_weights
-        norms = [update_norm(u.weights, center) for u in updates]
-        bound = median(norms) if self.bound == "median" else float(self.bound)
-        clipped = []
-        for u, norm in zip(updates, norms, strict=True):
-            if norm > bound:
-                log.info(
-                    "clipped %s's update from %.4g to %.4g away from the %s",
-                    u.worker,
-                    norm,
-                    bound,
-                    "round's median" if self.center == "median" else "global model",
-                )
-            clipped.append(clip_to_norm(u.weights, center, norm, bound))
-        return weighted_mean(clipped, coefficients(weighting, updates))
+        coeffs = coefficients(weighting, updates)
+        for step in range(self.iterations):
+            norms = [update_norm(u.weights, center) for u in updates]
+            if self.bound == "median":
+                bound = self.radius * median(norms)
+            else:
+                bound = float(self.bound)
+            clipped = []
+            for u, norm in zip(updates, norms, strict=True):
+                if norm > bound:
+                    log.info(
+                        "clipped %s's update from %.4g to %.4g away from the %s%s",
+                        u.worker,
+                        norm,
+                        bound,
+                        "round's median" if self.center == "median" else "global model",
+                        f" (step {step + 1})" if self.iterations > 1 else "",
+                    )
+                clipped.append(clip_to_norm(u.weights, center, norm, bound))
+            center = weighted_mean(clipped, coeffs)
+        return dict(center)
 
     def params(self) -> dict[str, object]:
+        shape: dict[str, object] = {"bound": self.bound}
+        if self.radius != 1:
+            shape["radius"] = self.radius
         if self.center == "median":
+            if self.iterations != 1:
+                shape["iterations"] = self.iterations
             return {
                 "rule": "centered-clipped-mean",
-                "bound": self.bound,
+                **shape,
                 "center": "coordinate-median",
                 "paper": KARIMIREDDY_2021,
             }
-        return {"rule": "norm-clipped-mean", "bound": self.bound, "paper": SUN_2019}
+        return {"rule": "norm-clipped-mean", **shape, "paper": SUN_2019}

@@ -16,6 +16,10 @@ number or `*` (every round):
   shortrow@R  as an evaluator, it sends confusion matrices with short rows in round R
 A fault fires once per training unless FEDMNIST_FAULT_ALWAYS=1 (a marker file in
 FEDMNIST_FAULT_DIR records that it fired, so a restarted worker behaves).
+
+`install(lab_dir, python)` makes a lab device run it: the program and a `device-python` wrapper
+(the device's `ssh.python`) that starts it in place of `-m fedcore.worker`, reading the cues from
+`<lab>/faults.env`, which the coordinator's side rewrites before each training.
 """
 
 from __future__ import annotations
@@ -50,6 +54,28 @@ def _fire_once(name: str, kind: str, rnd: int) -> bool:
         return False
     marker.touch()
     return True
+
+
+def install(lab_dir: Path, python: str) -> str:
+    """Copy this program into `lab_dir` with a wrapper the lab users can run, and an empty
+    `faults.env`; returns the wrapper's path (the trainers' `ssh.python`)."""
+    liar = lab_dir / "lying_worker.py"
+    liar.write_text(Path(__file__).read_text())
+    (lab_dir / "faults.env").write_text("")
+    wrapper = lab_dir / "device-python"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "-m" ] && [ "$2" = "fedcore.worker" ]; then\n'
+        "    shift 2\n"
+        f"    . {lab_dir / 'faults.env'}\n"
+        '    export PYTHONPATH="$PWD"\n'
+        f'    exec {python} {liar} "$@"\n'
+        "fi\n"
+        f'exec {python} "$@"\n'
+    )
+    for f in (liar, lab_dir / "faults.env", wrapper):
+        f.chmod(0o755)
+    return str(wrapper)
 
 
 original_train = Worker.train

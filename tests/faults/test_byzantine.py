@@ -23,7 +23,9 @@ honest distance, the model-replacement attack of Sun et al. 2019), where the mea
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,10 +43,25 @@ from test_fault_suite import (  # the fault suite's lab, its reference and its r
 pytestmark = pytest.mark.slow
 
 
-def _with_strategy(config: Path, strategy: dict) -> Path:
-    """A copy of the lab's config that trains with `strategy`."""
+@pytest.fixture(scope="module", autouse=True)
+def _shared_lab_python():
+    """The devices' Python: the one venv every lab on this machine shares (fedlab builds it
+    once, under a lock), not a fresh one beside this module's lab folder (a 3.8 GB torch install
+    each time: most of this module's set-up)."""
+    shared = Path(tempfile.gettempdir()) / "fedmnist-lab-python"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDMNIST_LAB_PYTHON", os.environ.get("FEDMNIST_LAB_PYTHON") or str(shared))
+        yield
+
+
+def _with_strategy(config: Path, strategy: dict, tracking: bool = True) -> Path:
+    """A copy of the lab's config that trains with `strategy`; `tracking=False`: no MLflow
+    record (a fresh store's migrations and every round's model file cost each training seconds
+    that a test reading only the flow's summary does not need)."""
     raw = yaml.safe_load(config.read_text())
     raw["strategy"] = strategy
+    if not tracking:
+        raw["tracking"] = {"enabled": False}
     path = config.with_name(f"{strategy['name']}.yaml")
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -72,7 +89,11 @@ def test_a_device_lying_every_round_cannot_steer_a_robust_strategy(
     lab_dir, config, ref = lab
     home = ref.parent / f"byzantine-{strategy['name']}"
     out = _run(
-        [str(_with_strategy(config, strategy)), "--summary-json", str(home / "summary.json")],
+        [
+            str(_with_strategy(config, strategy, tracking=False)),
+            "--summary-json",
+            str(home / "summary.json"),
+        ],
         _env(home, lab_dir, {"charlie": f"{attack}@*"}, always=True),
     )
     assert out.returncode == 0, out.output[-4000:]

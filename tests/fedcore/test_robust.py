@@ -137,3 +137,44 @@ def test_centered_clipping_by_hand() -> None:
     assert params["rule"] == "centered-clipped-mean" and "Karimireddy" in str(params["paper"])
     with pytest.raises(ValidationError):
         StrategyConfig.model_validate({**centered, "center": "mean"})
+
+
+def test_centered_clipping_iterations_and_radius_by_hand() -> None:
+    # honest a = (1, 0) and b = (0, 1), the attacker far the other way; the coordinate-wise
+    # median is (0, 0), the honest mean (0.5, 0.5)
+    values = [[1.0, 0.0], [0.0, 1.0], [-4.0, -4.0]]
+    centered = {"name": "clipped-mean", "weighting": "unweighted", "center": "median"}
+    r = 2**-0.5
+    # one step: distances 1, 1, 4 sqrt 2, bound 1: the attacker becomes (-r, -r)
+    v1 = (1 - r) / 3
+    assert _agg(centered, values, [0.0, 0.0]) == pytest.approx([v1, v1])
+    # a second step from v1: a and b are sqrt((1 - v1)^2 + v1^2) away, the new bound; the
+    # attacker is clipped to that distance from v1 along (-r, -r)
+    bound2 = ((1 - v1) ** 2 + v1**2) ** 0.5
+    v2 = v1 + ((1 - v1) + (0 - v1) + (-bound2 * r)) / 3
+    two = _agg({**centered, "iterations": 2}, values, [0.0, 0.0])
+    assert two == pytest.approx([v2, v2]) and v2 == pytest.approx((1 + v1 - bound2 * r) / 3)
+    assert 0 < v1 < v2 < 0.5  # each step nearer the honest mean
+    # radius 0.5: every update clipped to 0.5 from the median, the honest ones too
+    half = _agg({**centered, "radius": 0.5}, values, [0.0, 0.0])
+    assert half == pytest.approx([(0.5 - 0.5 * r) / 3] * 2)
+    # no attacker and every delta within the bound: every step gives the mean again
+    assert _agg({**centered, "iterations": 3}, [[1.0], [2.0], [3.0]], [0.0]) == pytest.approx([2.0])
+
+
+def test_clipping_options_are_named_and_checked() -> None:
+    config = {"name": "clipped-mean", "weighting": "unweighted", "center": "median"}
+    params = StrategyConfig.model_validate({**config, "iterations": 3, "radius": 0.5})
+    shown = params.root.build().params()
+    assert (shown["iterations"], shown["radius"], shown["bound"]) == (3, 0.5, "median")
+    plain = StrategyConfig.model_validate(config).root.build().params()
+    assert "iterations" not in plain and "radius" not in plain  # the defaults, as recorded before
+    for bad, word in (
+        ({**config, "iterations": 0}, "iterations"),
+        ({**config, "radius": 0}, "radius"),
+        ({**config, "radius": 1.5}, "radius"),
+        ({**config, "radius": 0.5, "bound": 2.0}, "scales the median bound"),
+        ({**config, "center": "global", "iterations": 2}, "need center: median"),
+    ):
+        with pytest.raises(ValidationError, match=word):
+            StrategyConfig.model_validate(bad)

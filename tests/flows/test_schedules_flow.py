@@ -9,7 +9,9 @@ server, real worker processes), MLflow off (these tests are about who trains wha
   the one that ran its 8 versions at once.
 - async: a device whose worker process is killed mid-training rejoins (the task's retry starts
   it again) and the versions stay consecutive. On the paced clock, so that the others cannot
-  finish the training while its program restarts (seconds on a loaded machine).
+  finish the training while its program restarts (seconds on a loaded machine). Its Prefect
+  `devices` table artifact, read back through Prefect's client from the run's own database, holds
+  per device the updates contributed and their staleness, as the run's state records them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -233,3 +236,55 @@ def test_async_device_killed_rejoins(tmp_path, mnist_dir: Path) -> None:
     assert state["version"] == 16
     applied = sum(d["updates"] for d in state["devices"].values())
     assert applied == state["applied"] == 2 * 16 - 0  # every step took a full buffer of 2
+
+    rows = _devices_artifact(home, "killed-devices")
+    for row in rows:  # a job handed out after the last version's state was written is abandoned
+        assert row.pop("jobs") >= state["devices"][row["device"]]["jobs"]
+    assert rows == [
+        {
+            "device": name,
+            "updates": d["updates"],
+            "staleness mean": round(d["staleness_sum"] / d["updates"], 2) if d["updates"] else 0.0,
+            "staleness max": d["staleness_max"],
+            "dropped (stale)": d["dropped_stale"],
+            "failed": d["failed"],
+        }
+        for name, d in state["devices"].items()
+    ]
+    assert sum(row["updates"] for row in rows) == 32 and rows[2]["device"] == "charlie"
+
+
+# Prefect's own client, in a fresh interpreter with the run's PREFECT_HOME: with no
+# PREFECT_API_URL it serves the API from that home's database (a temporary server), as the
+# training did. Artifact.get returns the key's latest version (the table is re-published as the
+# training goes); a table artifact's data is its rows as a JSON string.
+_READ_ARTIFACT = """
+import json, sys
+from prefect.artifacts import Artifact
+found = Artifact.get(sys.argv[1])
+print("ARTIFACT " + json.dumps(None if found is None else {"type": found.type, "data": found.data}))
+"""
+
+
+def _devices_artifact(home: Path, key: str) -> list[dict]:
+    """The rows of the table artifact `key` of the run in `home`, without its idle seconds
+    (wall time, which the run's state does not keep rounded the same way)."""
+    env = dict(os.environ, PREFECT_HOME=str(home / "prefect"))
+    env.pop("PREFECT_API_URL", None)
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    done = subprocess.run(
+        [sys.executable, "-c", _READ_ARTIFACT, key],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = [x for x in done.stdout.splitlines() if x.startswith("ARTIFACT ")][-1]
+    artifact = json.loads(line.removeprefix("ARTIFACT "))
+    assert artifact is not None, f"no artifact {key!r} in {home / 'prefect'}"
+    assert artifact["type"] == "table"
+    rows = json.loads(artifact["data"]) if isinstance(artifact["data"], str) else artifact["data"]
+    for row in rows:
+        assert row.pop("idle s") >= 0
+    return rows
