@@ -3,6 +3,7 @@
 Both do the same training: same shards, same per-round sampling seeds, same learning rates, the
 same aggregation and the same evaluations. The bare loop is one Python process with no Prefect,
 no MLflow, no worker processes and no wire: the floor the product's overhead is measured against.
+benchmarks/seed_phases.py breaks both down by phase (start-up, each step of a round, shutdown).
 
     .venv/bin/python benchmarks/seed_overhead.py [--config configs/seed.yaml] [--rounds N]
 """
@@ -33,10 +34,19 @@ from fedcore.strategies import build_strategy  # noqa: E402
 from fedcore.training import train_local  # noqa: E402
 
 
-def bare_loop(config: str, rounds: int | None) -> tuple[float, float | None]:
-    """(seconds, final federated accuracy) of the training as one plain loop."""
+def bare_loop(
+    config: str,
+    rounds: int | None,
+    phases: dict[str, list[float]] | None = None,
+    overrides: dict[str, object] | None = None,
+) -> tuple[float, float | None]:
+    """(seconds, final federated accuracy) of the training as one plain loop.
+
+    `phases`, when given, collects seconds per step: "startup" (config and shards), and per
+    round "round", "train" (every trainer, one after the other), "aggregate", "evaluate"."""
     start = time.perf_counter()
-    cfg = load_config(config, {"rounds": rounds} if rounds else None)
+    marks: dict[str, list[float]] = phases if phases is not None else {}
+    cfg = load_config(config, {**(overrides or {}), **({"rounds": rounds} if rounds else {})})
     torch.set_num_threads(1)
     shards = {w.name: load_shard(str(cfg.data_dir_for(w)), w.shard()) for w in cfg.workers}
     strategy = build_strategy(cfg.strategy)
@@ -44,7 +54,9 @@ def bare_loop(config: str, rounds: int | None) -> tuple[float, float | None]:
     weights = initial_weights(cfg.seed)
     model = build_model(weights)
     final = None
+    marks.setdefault("startup", []).append(time.perf_counter() - start)
     for rnd in range(1, cfg.rounds + 1):
+        t_round = time.perf_counter()
         plan = cfg.train.plan(rnd)
         updates = []
         for w in cfg.trainers:
@@ -54,7 +66,9 @@ def bare_loop(config: str, rounds: int | None) -> tuple[float, float | None]:
             metrics = train_local(model, x, y, plan, gen)
             new = {k: v.detach().clone() for k, v in model.state_dict().items()}
             updates.append(Update(w.name, rnd, new, y.numel(), metrics))
+        t_trained = time.perf_counter()
         weights = strategy.aggregate(rnd, weights, updates, [])
+        t_aggregated = time.perf_counter()
         if cfg.evaluators and cfg.evaluation.due(rnd, cfg.rounds):
             torch.set_num_threads(cfg.evaluators[0].threads or 2)
             x, y = shards[cfg.evaluators[0].name]
@@ -67,6 +81,14 @@ def bare_loop(config: str, rounds: int | None) -> tuple[float, float | None]:
                     final = res.accuracy
             torch.set_num_threads(1)
         _ = TrainRequest  # same messages exist; the bare loop just never encodes them
+        t_done = time.perf_counter()
+        for key, value in (
+            ("round", t_done - t_round),
+            ("train", t_trained - t_round),
+            ("aggregate", t_aggregated - t_trained),
+            ("evaluate", t_done - t_aggregated),
+        ):
+            marks.setdefault(key, []).append(value)
     return time.perf_counter() - start, final
 
 

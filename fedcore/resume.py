@@ -8,12 +8,19 @@ model and strategy files are written first and `state.json` last (temp file + re
 `state.json` never names a round whose files are incomplete. Workers need nothing: their sampling
 seeds derive from (seed, worker, round), and a worker that lost its SCAFFOLD control variate
 re-synchronises (fedcore.local_algorithms).
+
+`RoundWriter` takes the writing off the round's critical path without weakening that order: one
+thread writes the rounds in the order given, and runs what records a round only once that round's
+files are durable; the next round trains meanwhile. A crash then loses at most the rounds still
+queued, which were never recorded either, so a resumed training repeats them.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import queue
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +98,78 @@ def write_round(
     (run_dir / f"schedule-r{round - 1:03d}.safetensors").unlink(missing_ok=True)
     fsync_dir(run_dir)
     return model
+
+
+class RoundWriter:
+    """A thread writing rounds in order, each round's record run once its state is durable.
+
+    `submit(write, then)` queues `write()` (e.g. `write_round`) and `then(written)` (the
+    record); a failed `write` runs no `then`, skips every job after it and is raised, as it was,
+    by the next `submit`, `flush` or `close` in the caller's thread. A failing `then` is raised
+    the same way (after the later rounds were written: their state is sound).
+    """
+
+    def __init__(self, name: str = "round-writer") -> None:
+        self._queue: queue.Queue[tuple[Callable[[], Any], Callable[[Any], None]] | None] = (
+            queue.Queue()
+        )
+        self._error: BaseException | None = None
+        self._write_failed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, write: Callable[[], Any], then: Callable[[Any], None]) -> None:
+        """Queue one round: `write()`, then `then(<what write returned>)`.
+
+        Raises:
+            BaseException: what an earlier round's `write` or `then` raised.
+        """
+        self.check()
+        self._queue.put((write, then))
+
+    def flush(self) -> None:
+        """Wait until every queued round is written and recorded.
+
+        Raises:
+            BaseException: what a round's `write` or `then` raised.
+        """
+        self._queue.join()
+        self.check()
+
+    def close(self) -> None:
+        """Write and record what is queued, then stop the thread (raises like `flush`)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self.check()
+
+    def check(self) -> None:
+        """Raise the first failure of a queued round, once."""
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                if self._write_failed:
+                    continue
+                write, then = job
+                try:
+                    written = write()
+                except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                    self._write_failed = True
+                    self._error = self._error or exc
+                    continue
+                try:
+                    then(written)
+                except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                    self._error = self._error or exc
+            finally:
+                self._queue.task_done()
 
 
 def find_run_dir(ref: str, runs_root: Path) -> Path:

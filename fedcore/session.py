@@ -72,8 +72,13 @@ class WorkerSession:
         except ConnectionError as exc:
             raise WorkerUnreachable(self.name, str(exc)) from None
 
-    def close(self) -> None:
-        """Say bye and stop the worker program; never raises."""
+    def close(self, wait: bool = True) -> None:
+        """Say bye and stop the worker program; never raises.
+
+        Args:
+            wait: wait until the program has exited (else a worker that answered bye exits on
+                its own while the caller goes on: `Pipe.close_in_background`).
+        """
         with self._lock:
             pipe, self._pipe = self._pipe, None
             if pipe is None:
@@ -82,8 +87,11 @@ class WorkerSession:
                 pipe.send(protocol.encode_simple("bye"), 5.0)
                 wire.read_frame(lambda n: pipe.read_exact(n, 5.0), 0)
             except (ConnectionError, EOFError, TimeoutError, WireError, OSError):
-                pass
-            pipe.close()
+                wait = True  # no bye answered: stop it here, by force if need be
+            if wait:
+                pipe.close()
+            else:
+                pipe.close_in_background()
 
     def abandon(self) -> None:
         """Stop the worker program now, even while a call waits on it (the training is over

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import Field
@@ -30,6 +31,7 @@ from fedcore.transport.ssh import SSHTransport
 from flows.parameters import (
     ConfigPath,
     DataDir,
+    InventoryPath,
     LearningRate,
     Overrides,
     Rounds,
@@ -43,6 +45,13 @@ from flows.rounds import RunContext, train_rounds
 from tasks.artifacts import RunArtifacts, summary_markdown
 from tasks.tracking import Tracker, flatten, make_tracker, run_name
 from tasks.workers import start_worker, stop_workers
+
+# The coordinator's own tensor work (decoding and checking updates, screening, aggregating) is
+# small element-wise arithmetic on 431,080 parameters. Split over torch's default threads it
+# waits on every core at every operation: with the local workers on the same cores, decoding a
+# seed update took 4x longer with two threads than with one (benchmarks/fleet_overhead.py,
+# docs/ARCHITECTURE.md, Decisions 9). The aggregates are the same bit for bit.
+COORDINATOR_THREADS = 1
 
 
 def make_transport(worker: WorkerConfig) -> Transport:
@@ -103,6 +112,7 @@ def federated_mnist(
     lr: LearningRate = None,
     seed: Seed = None,
     data_dir: DataDir = None,
+    inventory: InventoryPath = None,
     resume: Annotated[str | None, Field(min_length=1)] = None,
 ) -> dict[str, Any]:
     """Train the MNIST CNN across the configured workers.
@@ -125,6 +135,10 @@ def federated_mnist(
         seed: seed of model init and every worker's sampling (default: the config's).
         data_dir: MNIST directory of the local workers (default: the config's data_dir, else
             $FEDMNIST_HOME/data/mnist).
+        inventory: the fleet to train on: a file in the checkout's configs/, $FEDMNIST_HOME/configs
+            or $FEDMNIST_HOME/lab (a list of workers, or a config's `workers:`, e.g.
+            configs/jetsons.yaml) whose workers replace the config's, so any recipe runs on any
+            fleet (default: the config's own workers).
         resume: an interrupted training to continue from its last completed round: its run
             folder under $FEDMNIST_HOME/runs, that folder's name, or its MLflow run id. The
             training keeps its own config (`rounds` may extend it) and its MLflow run.
@@ -146,7 +160,14 @@ def federated_mnist(
     cfg = load_config(
         path,
         config_overrides(
-            path, overrides, rounds=rounds, strategy=strategy, lr=lr, seed=seed, data_dir=data_dir
+            path,
+            overrides,
+            rounds=rounds,
+            strategy=strategy,
+            lr=lr,
+            seed=seed,
+            data_dir=data_dir,
+            inventory=inventory,
         ),
     )
     return run_training(cfg, str(path))
@@ -173,6 +194,9 @@ def run_training(
     tracker = make_tracker(cfg.tracking)
     open_record(tracker, cfg, strategy, config_path, run_key, resume)
     status = "FAILED"
+    ctx: RunContext | None = None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(COORDINATOR_THREADS)
     try:
         for worker in cfg.workers:
             log_hello(worker, starts[worker.name].result())
@@ -203,10 +227,24 @@ def run_training(
         status = "FINISHED"
         return finish_record(ctx, summary)
     finally:
-        stop_workers(list(sessions.values()))
+        # The workers exit while the record is finished: neither waits for the other.
+        stopping = stop_workers.submit(list(sessions.values()))
+        if ctx is not None:
+            drain_writer(ctx)
         errors = tracker.close(status)
+        stopping.wait()
+        torch.set_num_threads(threads)
         if errors:
             logger.warning("MLflow logging reported %d error(s); first: %s", len(errors), errors[0])
+
+
+def drain_writer(ctx: RunContext) -> None:
+    """Write and record the rounds still queued (a training that failed keeps its finished
+    rounds); a failure here is logged, the training's own error is the one raised."""
+    try:
+        ctx.writer.close()
+    except Exception as exc:  # noqa: BLE001 - the training's own outcome is reported instead
+        get_run_logger().warning("A finished round could not be written or recorded: %s", exc)
 
 
 def open_record(

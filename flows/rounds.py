@@ -4,14 +4,23 @@ One round is: train (every trainer in parallel, one `train-<worker>-rNN` task ea
 tried again below quorum when the config says so), aggregate (the `aggregate-rNN` task),
 evaluate when due (the `evaluate-rNN` task), record. Recording writes the round's state to the
 run folder first and only then logs it to MLflow and the Prefect artifacts, so a training resumed
-after a crash never records a round twice and never misses one.
+after a crash never records a round twice and never misses one. Both happen on the run's
+`RoundWriter` thread (fedcore.resume), in that order, while the next round trains: a round's
+critical path is its training, aggregation and evaluation. Each timeline line carries the
+round's phases (seconds in training, of which the slowest worker's own compute, aggregation,
+evaluation and writing), which benchmarks/seed_phases.py reads.
 
 A round is a group of tasks in the flow run, never a subflow: a subflow adds about 1.2 s of
 Prefect API calls to every round, more than a short round's local training takes.
+
+Past 400 lines because the sync loop's steps are shared by the non-sync schedules
+(flows/schedules.py): splitting them would scatter one round's story over two modules.
 """
 
 from __future__ import annotations
 
+import contextvars
+import copy
 import dataclasses
 import time
 from collections.abc import Mapping
@@ -30,11 +39,12 @@ from fedcore.errors import QuorumNotReached, UpdateRejected, cause_of
 from fedcore.evaluation import EvalResult
 from fedcore.model import initial_weights, num_parameters
 from fedcore.protocol import TrainRequest, Update
-from fedcore.resume import ResumePoint, write_round
+from fedcore.resume import ResumePoint, RoundWriter, write_round
 from fedcore.screening import ScreeningHistory
 from fedcore.seeding import derive_seed
 from fedcore.session import WorkerSession
 from fedcore.strategies import ExpectedCounts, Failure, Strategy
+from fedcore.strategies.base import StrategyState
 from fedcore.training import TrainPlan
 from tasks.aggregation import aggregate
 from tasks.artifacts import RunArtifacts
@@ -58,6 +68,11 @@ class RunContext:
     groups: list[list[int]]  # digit groups whose prediction shares are reported
     config_path: str = ""
     started: float = dataclasses.field(default_factory=time.monotonic)  # the training's start
+
+    @cached_property
+    def writer(self) -> RoundWriter:
+        """The thread writing and then recording each round, off the critical path."""
+        return RoundWriter()
 
     @cached_property
     def trainers(self) -> list[str]:
@@ -109,6 +124,8 @@ class RoundResult:
     weights: Weights  # the aggregate: the next round's global model
     evaluation: dict[str, EvalResult] | None  # by model; None when the round was not evaluated
     seconds: float
+    # seconds per step ("train", "compute": the slowest worker's own, "aggregate", "evaluate")
+    phases: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 def train_rounds(ctx: RunContext, resume: ResumePoint | None = None) -> dict[str, Any]:
@@ -153,8 +170,14 @@ def training_summary(
     ctx: RunContext, evaluations: dict[int, dict[str, float]], unit: str
 ) -> dict[str, Any]:
     """Log the final federated accuracy (if the last round or version was scored) and return
-    the summary: name, rounds, final accuracy, accuracy per evaluated round, the run folder."""
+    the summary: name, rounds, final accuracy, accuracy per evaluated round, the run folder.
+    Waits until every round is written and recorded first.
+
+    Raises:
+        BaseException: what writing or recording a round raised.
+    """
     cfg = ctx.cfg
+    ctx.writer.flush()
     final = evaluations.get(cfg.rounds, {}).get("federated")
     if final is not None:
         get_run_logger().info(
@@ -174,14 +197,24 @@ def training_summary(
 
 def run_round(ctx: RunContext, rnd: int, weights: Weights) -> RoundResult:
     """Round `rnd` from the global model `weights`: train, aggregate, evaluate when due, record."""
+    ctx.writer.check()  # a round that could not be written stops the training
     started = time.perf_counter()
     get_run_logger().info("Training round %d/%d", rnd, ctx.cfg.rounds)
     plan = dataclasses.replace(ctx.cfg.train.plan(rnd), **ctx.strategy.plan_overrides())
     updates, failures = train_round(ctx, rnd, plan, weights)
+    trained = time.perf_counter()
     aggregated = aggregate(ctx.strategy, rnd, weights, updates, failures)
+    aggregated_at = time.perf_counter()
     evaluation = evaluate_if_due(ctx, rnd, updates, aggregated)
+    done = time.perf_counter()
+    phases = {
+        "train": trained - started,
+        "compute": max((u.metrics.seconds for u in updates), default=0.0),
+        "aggregate": aggregated_at - trained,
+        "evaluate": done - aggregated_at,
+    }
     result = RoundResult(
-        rnd, plan, updates, failures, aggregated, evaluation, time.perf_counter() - started
+        rnd, plan, updates, failures, aggregated, evaluation, done - started, phases
     )
     record_round(ctx, result)
     return result
@@ -343,11 +376,13 @@ def record_round(
     extra: Mapping[str, float] | None = None,
     schedule_tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write the round's state (with a non-sync `schedule`'s state) to the run folder, append
-    it to the timeline, then log it (and the `extra` metrics) to MLflow and the artifacts.
+    """Queue the round for the run's writer: its state (with a non-sync `schedule`'s state) to
+    the run folder and a timeline line, then (only once that is durable) MLflow (with the
+    `extra` metrics) and the Prefect artifacts. Returns at once, after logging the round's line.
 
     The order is the resume guarantee: a round is complete once its state is on disk, and only
-    a complete round is recorded.
+    a complete round is recorded. What the writer needs is copied here, in the flow's thread,
+    because the strategy, the fleet and the weights change as the next round goes on.
     """
     rnd, evaluation = result.round, result.evaluation
     metrics = round_metrics(result.updates, result.failures)
@@ -355,46 +390,29 @@ def record_round(
     metrics["round_seconds"] = result.seconds
     metrics["elapsed_seconds"] = time.monotonic() - ctx.started
     metrics.update(extra or {})
-    path = write_round(
-        ctx.run_dir,
-        config=ctx.config_json,
-        config_path=ctx.config_path,
+    state = ctx.strategy.state_dict()
+    job = RoundJob(
+        ctx=ctx,
         round=rnd,
-        weights=result.weights,
-        strategy=ctx.strategy.state_dict(),
-        metrics={**metrics, **(eval_metrics(evaluation, ctx.groups) if evaluation else {})},
-        mlflow_run_id=ctx.tracker.run_id_or_none(),
-        meta=ctx.model_meta,
-        schedule=schedule,
-        schedule_tensors=schedule_tensors,
-    )
-    timeline.append(
-        ctx.run_dir,
-        {
-            "round": rnd,
-            "seconds": round(metrics["elapsed_seconds"], 3),
-            "wall": time.time(),
-            "model_file": path.name,
-            "updates": [u.worker for u in result.updates],
-            **(
-                {
-                    "contributed": {
-                        k[12:]: v
-                        for k, v in (extra or {}).items()
-                        if k.startswith("contributed/") and v
-                    }
-                }
-                if schedule
-                else {}
-            ),
+        weights={k: t.detach().clone() for k, t in result.weights.items()},
+        strategy=StrategyState(state.strategy, state.tensors, copy.deepcopy(state.values)),
+        metrics=metrics,
+        evaluation=evaluation,
+        updates=[u.worker for u in result.updates],
+        phases=dict(result.phases),
+        schedule=copy.deepcopy(dict(schedule)) if schedule is not None else None,
+        schedule_tensors=(
+            {k: t.detach().clone() for k, t in schedule_tensors.items()}
+            if schedule_tensors
+            else None
+        ),
+        contributed={
+            k[12:]: v for k, v in (extra or {}).items() if k.startswith("contributed/") and v
         },
     )
-    ctx.tracker.log_artifact(path, "models")
-    if evaluation is not None:
-        ctx.tracker.log_evaluation(rnd, evaluation, ctx.groups, path)
-        ctx.artifacts.evaluation(rnd, evaluation, ctx.groups)
-    ctx.tracker.log_metrics(metrics, step=rnd)
-    ctx.artifacts.round_done(rnd)
+    # Prefect's run context (the flow run the artifacts and log lines belong to) goes along.
+    context = contextvars.copy_context()
+    ctx.writer.submit(job.write, lambda path: context.run(job.record, path))
     losses = ", ".join(f"{u.worker} {u.metrics.loss:.3f}" for u in result.updates)
     what = "Round" if ctx.cfg.schedule.is_sync else "Version"
     get_run_logger().info(
@@ -405,3 +423,81 @@ def record_round(
         result.seconds,
         losses,
     )
+
+
+@dataclass(frozen=True)
+class RoundJob:
+    """One round as the writer thread handles it: write it, then record it."""
+
+    ctx: RunContext
+    round: int
+    weights: Weights
+    strategy: StrategyState
+    metrics: dict[str, float]
+    evaluation: dict[str, EvalResult] | None
+    updates: list[str]
+    phases: dict[str, float]
+    schedule: dict[str, Any] | None
+    schedule_tensors: dict[str, torch.Tensor] | None
+    contributed: dict[str, float]
+
+    def write(self) -> Path:
+        """The round's state, then its timeline line; returns the model file."""
+        ctx, started = self.ctx, time.perf_counter()
+        evaluation = self.evaluation
+        path = write_round(
+            ctx.run_dir,
+            config=ctx.config_json,
+            config_path=ctx.config_path,
+            round=self.round,
+            weights=self.weights,
+            strategy=self.strategy,
+            metrics={
+                **self.metrics,
+                **(eval_metrics(evaluation, ctx.groups) if evaluation else {}),
+            },
+            mlflow_run_id=ctx.tracker.run_id_or_none(),
+            meta=ctx.model_meta,
+            schedule=self.schedule,
+            schedule_tensors=self.schedule_tensors,
+        )
+        phases = {**self.phases, "write": time.perf_counter() - started}
+        timeline.append(
+            ctx.run_dir,
+            {
+                "round": self.round,
+                "seconds": round(self.metrics["elapsed_seconds"], 3),
+                "wall": time.time(),
+                "model_file": path.name,
+                "updates": self.updates,
+                **({"contributed": self.contributed} if self.schedule else {}),
+                "phases": {k: round(v, 4) for k, v in phases.items()},
+            },
+        )
+        return path
+
+    def record(self, path: Path) -> None:
+        """MLflow (the model file, the evaluation, the metrics) and the Prefect artifacts."""
+        ctx, rnd = self.ctx, self.round
+        ctx.tracker.log_artifact(path, "models")
+        if self.evaluation is not None:
+            ctx.tracker.log_evaluation(rnd, self.evaluation, ctx.groups, path)
+            ctx.artifacts.evaluation(rnd, self.evaluation, ctx.groups)
+            draw_run_figures(ctx.run_dir, rnd, self.evaluation, ctx.groups)
+        ctx.tracker.log_metrics(self.metrics, step=rnd)
+        ctx.artifacts.round_done(rnd)
+
+
+def draw_run_figures(
+    run_dir: Path, rnd: int, evaluation: dict[str, EvalResult], groups: list[list[int]]
+) -> None:
+    """Redraw the run folder's pictures with round `rnd`'s evaluation (tracking on or off).
+
+    Pictures are for people: a folder that cannot take them costs a warning, never the training.
+    """
+    from tasks.figures import RunFolderError, update_figures
+
+    try:
+        update_figures(run_dir, rnd, evaluation, groups)
+    except (RunFolderError, OSError) as exc:
+        get_run_logger().warning("Round %d: the run folder's pictures not redrawn: %s", rnd, exc)

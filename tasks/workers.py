@@ -128,11 +128,12 @@ def evaluate_models(
 
 @task(name="stop-workers", cache_policy=NO_CACHE, persist_result=False)
 def stop_workers(sessions: Sequence[WorkerSession]) -> None:
-    """Say bye to every worker program, all at once: each waits for its program to exit (up to
-    seconds over SSH), so one after the other the waits would add up."""
+    """Say bye to every worker program, all at once (each bye is a round trip, seconds over
+    SSH). A program that answered bye exits by itself: its exit (a torch process takes a second
+    or more to end) is waited for on a thread of its own, never by the training."""
     if len(sessions) <= 1:
         for s in sessions:
-            s.close()
+            s.close(wait=False)
         return
     with ThreadPoolExecutor(len(sessions), thread_name_prefix="stop-worker") as pool:
-        list(pool.map(WorkerSession.close, sessions))
+        list(pool.map(lambda s: s.close(wait=False), sessions))

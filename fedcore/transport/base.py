@@ -7,6 +7,7 @@ The read loop (deadline, end of stream, a frame cut in the middle) lives once, i
 from __future__ import annotations
 
 import abc
+import threading
 import time
 from dataclasses import dataclass
 
@@ -130,6 +131,16 @@ class Pipe(abc.ABC):
     @abc.abstractmethod
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker program (politely first) and release the stream."""
+
+    def close_in_background(self, timeout: float = 5.0) -> threading.Thread:
+        """`close(timeout)` on a daemon thread, returned started: for a program that was told
+        to exit (it answered bye), whose exit the caller need not wait for. Should this process
+        end first, the program still sees its input end and exits by itself."""
+        thread = threading.Thread(
+            target=self.close, args=(timeout,), name=f"close-{self.description}", daemon=True
+        )
+        thread.start()
+        return thread
 
 
 class Transport(abc.ABC):

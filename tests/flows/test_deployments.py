@@ -183,7 +183,17 @@ def test_deployments_carry_schedule_limit_and_parameters(stack: Stack) -> None:
     assert jetsons["parameters"] == {"config_path": "configs/jetsons.yaml"}
     assert jetsons["schedules"][0]["schedule"]["cron"] == "0 4 * * 0"
     props = set(seed["parameter_openapi_schema"]["properties"])
-    typed = {"config_path", "overrides", "rounds", "strategy", "lr", "seed", "data_dir", "resume"}
+    typed = {
+        "config_path",
+        "overrides",
+        "rounds",
+        "strategy",
+        "lr",
+        "seed",
+        "data_dir",
+        "inventory",
+        "resume",
+    }
     assert props == typed
 
 

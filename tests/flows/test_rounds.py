@@ -1,5 +1,6 @@
 """The round steps without Prefect or workers: the below-quorum retry policy, and the resume
-guarantee (a round's state is on disk before anything records it)."""
+guarantee (a round's state is on disk before anything records it, also when the writing is
+done on the writer thread while the next round trains)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import ROOT
 
 import flows.rounds as rounds
@@ -118,7 +120,52 @@ def test_a_round_is_on_disk_before_it_is_recorded(tmp_path: Path) -> None:
         0.5,
     )
     rounds.record_round(ctx, result)
+    ctx.writer.flush()  # the round is written, then recorded, on the run's writer thread
     assert rec.calls == [("log_artifact", 2), ("log_metrics", 2), ("round_done", 2)]
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["mlflow_run_id"] == "run-1"
     assert state["metrics"]["failed/bob"] == 1 and state["metrics"]["round_seconds"] == 0.5
+
+
+def test_recorded_state_is_a_copy_taken_when_the_round_ended(tmp_path: Path) -> None:
+    """The next round changes the weights in place while the writer may still be busy: the
+    file holds the round's own values, and its timeline line names the round's phases."""
+    from fedcore.checkpoint import load_weights
+    from fedcore.timeline import read
+
+    rec = Recorder(tmp_path)
+    ctx = _ctx(tmp_path, tracker=rec, artifacts=rec)
+    weights = initial_weights(1)
+    update = Update("alice", 1, weights, 64, TrainMetrics(1.5, 64, 2, 0.1))
+    phases = {"train": 0.3, "compute": 0.2, "aggregate": 0.01, "evaluate": 0.0}
+    result = rounds.RoundResult(1, ctx.cfg.train.plan(1), [update], [], weights, None, 0.5, phases)
+    before = {k: t.clone() for k, t in weights.items()}
+    rounds.record_round(ctx, result)
+    for t in weights.values():
+        t.add_(1.0)
+    ctx.writer.flush()
+    written, _ = load_weights(tmp_path / "global-r001.safetensors")
+    assert all(torch.equal(written[k], before[k]) for k in before)
+    (line,) = read(tmp_path)
+    assert line["round"] == 1 and line["updates"] == ["alice"]
+    assert {k: line["phases"][k] for k in phases} == phases and line["phases"]["write"] >= 0
+
+
+def test_a_round_that_cannot_be_written_is_never_recorded_and_stops_the_next(
+    tmp_path: Path,
+) -> None:
+    from fedcore.resume import RoundWriter
+
+    writer = RoundWriter()
+    recorded: list[object] = []
+
+    def fail() -> None:
+        raise OSError("disk full")
+
+    writer.submit(lambda: 1, recorded.append)
+    writer.submit(fail, recorded.append)
+    writer.submit(lambda: 3, recorded.append)  # after a failed round nothing more is written
+    with pytest.raises(OSError, match="disk full"):
+        writer.flush()
+    assert recorded == [1]
+    writer.close()
