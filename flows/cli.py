@@ -96,10 +96,16 @@ def derived_config(cfg: Any, source: str, keys: list[str]) -> Path:
     return path
 
 
-def _setup_env() -> None:
+def _setup_env(run: argparse.Namespace | None = None) -> None:
+    """Prefect's environment, before Prefect is imported. For `fedmnist run` (`run` given): the
+    project's Prefect home (flows/server.py), said in one line."""
     from fedcore.config import fedmnist_home
 
     home = fedmnist_home()
+    if run is not None:
+        from flows.server import prefect_home_for_run
+
+        print(prefect_home_for_run(), flush=True)
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
@@ -165,10 +171,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except FedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    _setup_env()
+    _setup_env(args)
     from flows.federated import federated_mnist
+    from flows.progress import showing_progress
 
-    state = federated_mnist(**flow_arguments(args.config, overrides, cfg), return_state=True)
+    with showing_progress(verbose=args.verbose):
+        state = federated_mnist(**flow_arguments(args.config, overrides, cfg), return_state=True)
     return _finish(state, args)
 
 
@@ -183,10 +191,12 @@ def _resume(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"resuming {point.run_dir.name} after round {point.round}")
-    _setup_env()
+    _setup_env(args)
     from flows.federated import federated_mnist
+    from flows.progress import showing_progress
 
-    state = federated_mnist(rounds=args.rounds, resume=str(point.run_dir), return_state=True)
+    with showing_progress(verbose=args.verbose):
+        state = federated_mnist(rounds=args.rounds, resume=str(point.run_dir), return_state=True)
     return _finish(state, args)
 
 
@@ -202,11 +212,12 @@ def _finish(state: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from flows.server import api_url, server_command, server_home
+    from flows.server import api_url, record_server, server_command, server_home
 
     home = Path(args.home) if args.home else server_home()
     home.mkdir(parents=True, exist_ok=True)
     argv, env = server_command(args.host, args.port, home)
+    record_server(args.host, args.port, home)  # where `fedmnist run` finds it
     print(f"Prefect server for federated-mnist: PREFECT_HOME={home}", flush=True)
     print("Point clients (fedmnist serve, prefect deployment run) at it with:", flush=True)
     print(f"    export PREFECT_API_URL={api_url(args.host, args.port)}", flush=True)
@@ -319,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
         "workers:, e.g. configs/jetsons.yaml) replace the config's (default: the config's own)",
     )
     p.add_argument("--summary-json", help="write the run summary (accuracies, MLflow run id) here")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show Prefect's per-task state lines (default: progress and results only)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
