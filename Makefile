@@ -24,6 +24,7 @@ setup: $(VENV)/.ready
 system-deps:
 	bash scripts/install-sshd.sh
 	sh scripts/install-postgres.sh
+	bash scripts/install-chromium.sh
 
 data: setup
 	$(BIN)/fedmnist data $(if $(wildcard $(SHARED_MNIST)/*.gz),--from $(SHARED_MNIST))

@@ -1,5 +1,10 @@
-"""Where a run shows in the MLflow UI: the run's page, and metric views plotting every model of a
-quantity on one chart (linked from the run's description)."""
+"""Where a run shows in the MLflow UI: the run's page, metric views plotting every model of a
+quantity on one chart (linked from the run's description), and the experiment's run list ordered
+by the federated accuracy (linked from the experiment's description).
+
+The run list's columns are the UI's own state (kept in the browser), not something a tracking
+store can set; ordering the list by a metric through its URL is what MLflow allows, and the UI then
+shows that metric's column."""
 
 from __future__ import annotations
 
@@ -61,4 +66,22 @@ def comparison_note(experiment_id: str, run_id: str, models: Sequence[str]) -> s
         "Metrics are `<quantity>/<model>`, stepped by round. Pictures: `figures/`; every round's "
         "global model: `models/global-rNNN.safetensors`; evaluated rounds' models are logged "
         f"models registered as `{REGISTERED_MODEL}` versions (aliases `current`, `champion`)."
+    )
+
+
+def runs_by_accuracy_route(experiment_id: str) -> str:
+    """The experiment's run list ordered by the federated test accuracy, best first (a UI route,
+    relative to the UI's root)."""
+    key = quote(f"metrics.`accuracy/{FEDERATED}`", safe="")
+    return f"#/experiments/{experiment_id}/runs?orderByKey={key}&orderByAsc=false"
+
+
+def experiment_note(experiment_id: str) -> str:
+    """The experiment's description (markdown): what a run holds and where the best runs are."""
+    return (
+        "Federated MNIST trainings: one run per training, metrics `<quantity>/<model>` stepped "
+        "by round (`accuracy/federated` is the global model's test accuracy). "
+        f"[Runs by federated accuracy]({runs_by_accuracy_route(experiment_id)}) · registered "
+        f"model `{REGISTERED_MODEL}` (aliases `current`: the newest full training's final model, "
+        "`champion`: the best test accuracy)."
     )

@@ -7,6 +7,29 @@ the safetensors file; no pickle anywhere in the registry). Its SHA-256 goes into
 after registration. Everything goes through an explicit
 `MlflowClient` (the tracker's logging thread calls these): MLflow's fluent `log_model` would use the
 process-wide URI and the thread's active run.
+
+What the registry means:
+
+- **Which trainings register.** Every training with `tracking.registered_model` set (the
+  default); a quick check sets it to null (configs/smoke.yaml does), so its models stay logged
+  models of its run and never become versions. Each evaluated round of a registering training is
+  a version (its round, accuracy and test-set size as tags), so `fedmnist models export <n>`
+  can hand out any evaluated model.
+- **One registered model for all recipes** (`federated-mnist-cnn`): every version is the same
+  network (`fedcore.model.Net`) scored by the evaluator on the same MNIST test images, so their
+  accuracies compare across strategies and configs, and `models:/federated-mnist-cnn@champion` is
+  the best CNN this store holds. A name per recipe would split the champion into many; the
+  version's `recipe`, `strategy` and `config_hash` tags say where it came from.
+- **`current`** is the final model of the newest *full* training: it moves only to a version
+  whose round is its run's last (`round` equals the run's `rounds` param; a run without that
+  param is taken as full). An intermediate round, or a training that stopped early, never
+  becomes `current`.
+- **`champion`** is the best comparable version: versions rank by the number of test images they
+  were scored on, then by accuracy (a score on the whole test set outranks one on part of it, a
+  tie keeps the older version); a champion whose tags are missing or out of range loses its place.
+- **Linked both ways.** A version's source is `models:/<model_id>` with its `model_id`; the logged
+  model gets MLflow's `mlflow.modelVersions` tag listing its versions (a tracking server adds it
+  itself, a local store does not), so the UI shows the logged model as registered.
 """
 
 from __future__ import annotations
@@ -21,8 +44,13 @@ from typing import Any
 
 from fedcore.evaluation import EvalResult
 
+from .links import experiment_note
+from .tags import mark_model_training
+
 ALIAS_CURRENT = "current"  # the newest version; MLflow reserves the name `latest`
 ALIAS_CHAMPION = "champion"  # the best federated test accuracy so far
+FINAL_TAG = "final"  # "true" on a version that is its training's last round
+MNIST_TEST_IMAGES = 10_000  # no evaluation scores more images than MNIST's test set holds
 CODE_FACTS = ("code_version", "git_commit")  # the code tags a logged model carries
 
 
@@ -48,7 +76,8 @@ def log_global_model(
     weights_file: Path,
     facts: Mapping[str, str],
 ) -> tuple[str, str]:
-    """Log `weights_file` as logged model `global-rNNN` of run `run_id` at step `rnd`.
+    """Log `weights_file` as logged model `global-rNNN` of run `run_id` at step `rnd` (and mark
+    the experiment as model training, once).
 
     Args:
         client: an `MlflowClient` on the run's store.
@@ -69,6 +98,7 @@ def log_global_model(
     from fedcore.checkpoint import load_weights, save_weights
     from tasks import mlflow_model
 
+    mark_model_training(client, experiment_id, experiment_note(experiment_id))
     weights, meta = load_weights(weights_file)
     merged = {**meta, **facts}
     model = client.create_logged_model(
@@ -127,17 +157,16 @@ def register(
     accuracy: float,
     local_store: str | None,
 ) -> str:
-    """Make logged model `model_id` a new version of registered model `name` (created if new).
-
-    Alias `current` moves to the new version, and `champion` too when `accuracy` beats the
-    champion's `accuracy` tag (a tie keeps the older version).
+    """Make logged model `model_id` a new version of registered model `name` (created if new),
+    linked to the logged model, and move the aliases as the module's docstring says.
 
     Args:
         client: an `MlflowClient` on the store (tracking and registry).
         name: the registered model.
-        run_id: the run that logged the model.
+        run_id: the run that logged the model (its params say the recipe and its length).
         model_id: the logged model.
-        tags: the version's tags (`accuracy` among them, for later comparisons).
+        tags: the version's tags (`round`, `accuracy` and `total` among them, for later
+            comparisons).
         accuracy: the model's federated test accuracy.
         local_store: the store's URI when it is not a server.
 
@@ -151,23 +180,82 @@ def register(
 
     try:
         client.create_registered_model(
-            name, description="The federated MNIST CNN: global models at evaluation rounds."
+            name,
+            description=(
+                "The federated MNIST CNN: the global models of evaluated rounds, every recipe "
+                "scored on the same test images. `current`: the final model of the newest full "
+                "training; `champion`: the best test accuracy."
+            ),
         )
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+    params = client.get_run(run_id).data.params
+    tags = {**tags, **training_facts(params, tags.get("round"))}
     with _process_uri(local_store) if local_store else nullcontext():
         version = client.create_model_version(
             name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id
         )
-    client.set_registered_model_alias(name, ALIAS_CURRENT, version.version)
+    number = str(version.version)
+    link_logged_model(client, model_id, name, number)
+    if tags.get(FINAL_TAG) == "true":
+        client.set_registered_model_alias(name, ALIAS_CURRENT, number)
     champion = client.get_registered_model(name).aliases.get(ALIAS_CHAMPION)
-    best = -1.0
+    best = (-1, -1.0)
     if champion is not None:
-        best = _accuracy_tag(client.get_model_version(name, champion).tags.get("accuracy"))
-    if accuracy > best:
-        client.set_registered_model_alias(name, ALIAS_CHAMPION, version.version)
-    return str(version.version)
+        best = rank(client.get_model_version(name, champion).tags)
+    if rank({**tags, "accuracy": f"{accuracy:.6f}"}) > best:
+        client.set_registered_model_alias(name, ALIAS_CHAMPION, number)
+    return number
+
+
+def training_facts(params: Mapping[str, str], rnd: str | None) -> dict[str, str]:
+    """What a version says about the training it came from: its recipe (config name), strategy,
+    config hash, the training's rounds and whether this round is its last (`final`).
+
+    Args:
+        params: the run's params (the flattened config).
+        rnd: the version's round, as tagged.
+    """
+    facts = {
+        "recipe": params.get("name", ""),
+        "strategy": params.get("strategy.name", ""),
+        "config_hash": params.get("config_hash", ""),
+        "training_rounds": params.get("rounds", ""),
+    }
+    total = params.get("rounds")
+    facts[FINAL_TAG] = "true" if total is None or total == rnd else "false"
+    return {k: v for k, v in facts.items() if v}
+
+
+def rank(tags: Mapping[str, str]) -> tuple[int, float]:
+    """A version's place in the champion's race: (test images scored, accuracy); (-1, -1) when
+    its tags are missing or out of range (store data: a tampered champion loses its place
+    instead of stopping the registration)."""
+    total = tags.get("total", "")
+    images = int(total) if total.isdigit() and 0 < int(total) <= MNIST_TEST_IMAGES else -1
+    return (images, _accuracy_tag(tags.get("accuracy")) if images > 0 else -1.0)
+
+
+def link_logged_model(client: Any, model_id: str, name: str, version: str) -> None:
+    """List version `version` of `name` in logged model `model_id`'s `mlflow.modelVersions` tag,
+    which the UI reads to show a logged model as registered (MLflow's server sets it when it
+    creates a version from a logged model; its local stores do not). Idempotent."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    entry = {"name": name, "version": version}
+    raw = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    listed: list[Any] = []
+    if raw:
+        try:
+            loaded = json.loads(raw)
+            listed = loaded if isinstance(loaded, list) else []
+        except ValueError:
+            listed = []
+    known = [(e.get("name"), str(e.get("version"))) for e in listed if isinstance(e, dict)]
+    if (name, version) in known:
+        return
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*listed, entry])})
 
 
 def _accuracy_tag(text: str | None) -> float:

@@ -1,15 +1,23 @@
-"""The tags every run gets besides the flow's own: Prefect's context, MLflow's source fields and
-the code version."""
+"""The tags every run gets besides the flow's own (Prefect's context, MLflow's source fields and
+the code version), and the experiment's: marked as model training, so the MLflow UI opens it on
+its runs rather than on the GenAI view (traces, "no data") it infers for an unmarked experiment."""
 
 from __future__ import annotations
 
 import logging
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import fedcore
 
 log = logging.getLogger("tasks.tracking")
+
+# The experiment tag the MLflow 3 UI reads to choose an experiment's view, and the value its own
+# "Machine learning" choice writes (the UI's ExperimentKind enum).
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+EXPERIMENT_NOTE = "mlflow.note.content"  # an experiment's description in the UI
 
 
 def prefect_context() -> dict[str, str]:
@@ -70,3 +78,13 @@ def code_version_tags() -> dict[str, str]:
         **{"mlflow.source.git.commit": full},
     )
     return tags
+
+
+def mark_model_training(client: Any, experiment_id: str, note: str) -> None:
+    """Tag experiment `experiment_id` as model training and give it `note` as its description,
+    each only where unset (a kind or description chosen in the UI stays). Two reads at most."""
+    tags = client.get_experiment(experiment_id).tags
+    if EXPERIMENT_KIND not in tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+    if not tags.get(EXPERIMENT_NOTE):
+        client.set_experiment_tag(experiment_id, EXPERIMENT_NOTE, note)

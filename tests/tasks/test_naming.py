@@ -84,3 +84,39 @@ def test_eval_metrics_are_quantity_slash_model_and_skip_absent_digits() -> None:
         "share_7-9",
         *(f"digit_{d}_accuracy" for d in range(9)),
     }
+
+
+def test_a_version_is_final_only_at_its_trainings_last_round() -> None:
+    from tasks.tracking.models import training_facts
+
+    params = {"name": "seed", "strategy.name": "mean", "config_hash": "abc", "rounds": "40"}
+    assert training_facts(params, "40") == {
+        "recipe": "seed",
+        "strategy": "mean",
+        "config_hash": "abc",
+        "training_rounds": "40",
+        "final": "true",
+    }
+    assert training_facts(params, "31")["final"] == "false"
+    assert training_facts({}, "3") == {"final": "true"}  # a run without `rounds`: taken as full
+
+
+def test_champions_rank_by_test_images_then_accuracy_and_refuse_bad_tags() -> None:
+    from tasks.tracking.models import rank
+
+    assert rank({"total": "10000", "accuracy": "0.9"}) == (10000, 0.9)
+    assert rank({"total": "10000", "accuracy": "0.5"}) > rank({"total": "1000", "accuracy": "1"})
+    for bad in ({}, {"total": "-3", "accuracy": "0.9"}, {"total": "20000", "accuracy": "0.9"}):
+        assert rank(bad) == (-1, -1.0)
+    assert rank({"total": "10000", "accuracy": "nan"}) == (10000, -1.0)
+    assert rank({"total": "10000", "accuracy": "1.5"}) == (10000, -1.0)
+
+
+def test_the_experiment_links_its_runs_ordered_by_federated_accuracy() -> None:
+    from tasks.tracking.links import experiment_note, runs_by_accuracy_route
+
+    route = runs_by_accuracy_route("7")
+    assert route == (
+        "#/experiments/7/runs?orderByKey=metrics.%60accuracy%2Ffederated%60&orderByAsc=false"
+    )
+    assert f"({route})" in experiment_note("7") and "federated-mnist-cnn" in experiment_note("7")

@@ -180,3 +180,20 @@ def test_missing_oversized_or_invalid_weights_are_typed_errors(tmp_path: Path) -
     )
     assert proc.returncode == 1 and "holds no artifacts/weights.safetensors" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_local_store_links_the_logged_model_and_marks_the_experiment(store) -> None:
+    """MLflow's server lists a version on its logged model itself; a local store does not, so
+    registration does it (the UI shows the logged model as registered), and the first logged
+    model marks the experiment as model training (the UI opens it on its runs)."""
+    import json
+
+    _, client, version, _ = store
+    model = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": NAME, "version": "1"}]
+    experiment = client.get_experiment(client.get_run(version.run_id).info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "Runs by federated accuracy" in experiment.tags["mlflow.note.content"]
+    # the version is scored on the whole test set: the champion, and `current` (no rounds param)
+    assert version.tags["final"] == "true"
+    assert client.get_registered_model(NAME).aliases == {"current": 1, "champion": 1}
