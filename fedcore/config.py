@@ -8,10 +8,15 @@ by `fedcore.yamlfile` (a repeated key is an error naming the key and both lines)
 Names become file names, MLflow names and command-line arguments, so they are checked by pattern:
 a letter or digit first (never `-`, which would read as an option, nor `.`), then letters,
 digits, `_`, `.`, `-`. Hosts and users are checked in `transport/ssh/config.py`.
+
+Past 400 lines because the experiment's schema, its loading and what a loaded config may ask for
+in this version (`check_available`) belong together; the sections with rules of their own live
+in their modules (schedules, strategies, privacy_config) and are only composed here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -23,6 +28,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
+from .privacy_config import PrivacyConfig, SecureAggregationConfig, check_composition
 from .schedules import ScheduleConfig
 from .shards import ShardSpec
 from .strategies import StrategyConfig
@@ -225,6 +231,10 @@ class ExperimentConfig(Strict):
     timeouts: TimeoutConfig = TimeoutConfig()
     screening: ScreeningConfig = ScreeningConfig()
     tracking: TrackingConfig = TrackingConfig()
+    # the coordinator sees only the sum of a round's updates (fedcore.privacy_config)
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    # DP-SGD on every trainer, epsilon accounted per device (fedcore.privacy_config)
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _check_workers(self) -> ExperimentConfig:
@@ -255,7 +265,20 @@ class ExperimentConfig(Strict):
                 f"schedule.min_updates {schedule.min_updates} exceeds the "
                 f"{len(self.trainers)} trainers"
             )
+        check_composition(self)
         return self
+
+    def plan(self, round: int) -> TrainPlan:
+        """Round `round`'s train plan: `train.plan(round)` plus DP-SGD's noise multiplier and
+        clipping norm when `privacy.enabled` (off, the plan and its request are the seed's)."""
+        plan = self.train.plan(round)
+        if not self.privacy.enabled:
+            return plan
+        return dataclasses.replace(
+            plan,
+            dp_noise_multiplier=self.privacy.noise_multiplier,
+            dp_max_grad_norm=self.privacy.max_grad_norm,
+        )
 
     @property
     def trainers(self) -> list[WorkerConfig]:
@@ -287,6 +310,13 @@ class ExperimentConfig(Strict):
         """The config as params, config.json and logs show it: `tracking.uri` without the
         credentials it may carry (`redact_uri`); the real URI is only used to connect."""
         data = self.model_dump(mode="json")
+        # the privacy sections left at their defaults (off) are left out, so an experiment
+        # without them records the params and hash it recorded before they existed (a resumed
+        # run, a registered model's config_hash); reading the dump back gives the same defaults
+        if self.secure_aggregation == SecureAggregationConfig():
+            del data["secure_aggregation"]
+        if self.privacy == PrivacyConfig():
+            del data["privacy"]
         if data["tracking"].get("uri"):
             data["tracking"]["uri"] = redact_uri(data["tracking"]["uri"])
         return data
@@ -351,12 +381,49 @@ def _describe(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+SECAGG_UNAVAILABLE = (
+    "secure_aggregation is not available in this version: the round loop does not yet run its "
+    "key agreement and masking, so the coordinator would see every single update. Remove the "
+    "secure_aggregation section (or set enabled: false); privacy: (DP-SGD on the devices) is "
+    "available"
+)
+
+
 def parse_config(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
-    """Validate a raw mapping; errors name each bad field."""
+    """Validate a raw mapping; errors name each bad field. A valid config asking for what this
+    version cannot run yet is refused too (`check_available`), before any other error, so
+    fixing the other errors first is never wasted work."""
+    secagg = raw.get("secure_aggregation")
+    if isinstance(secagg, dict) and secagg.get("enabled") is True:
+        raise ConfigError(f"{source}: {SECAGG_UNAVAILABLE}")
     try:
-        return ExperimentConfig.model_validate(raw)
+        config = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
+    check_available(config, source)
+    return config
+
+
+def check_available(config: ExperimentConfig, source: str = "config") -> None:
+    """Refuse a config whose sections hold together but that this version's round loop does not
+    run, rather than train without what it asks for.
+
+    - `secure_aggregation.enabled`: the device and coordinator state machines exist
+      (fedcore.privacy.secagg_*) but the round loop does not run their exchange yet;
+    - `privacy.enabled` with a semi-sync or async schedule: the privacy ledger charges each
+      device per synchronous round.
+
+    Raises:
+        ConfigError: naming the section and the fix.
+    """
+    if config.secure_aggregation.enabled:
+        raise ConfigError(f"{source}: {SECAGG_UNAVAILABLE}")
+    if config.privacy.enabled and not config.schedule.is_sync:
+        raise ConfigError(
+            f"{source}: privacy with schedule.mode: {config.schedule.mode} is not available in "
+            "this version: the privacy ledger charges each device per synchronous round; use "
+            "schedule.mode: sync (the default)"
+        )
 
 
 def load_config(

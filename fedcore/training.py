@@ -5,11 +5,18 @@ permutation of its shard (the seed's shuffled loader, cut after `steps` batches)
 SGD. Optional pieces a strategy switches on through the plan: momentum and weight decay, label
 smoothing, a FedProx proximal term (Li et al., 2020) and a gradient correction (SCAFFOLD's c - c_i,
 Karimireddy et al., 2020). A pacer (fedcore.pacing) may sleep after each step to make a device
-slower or steady; it changes no number. Runs on the device (Python 3.8, torch).
+slower or steady; it changes no number.
+
+With `dp_noise_multiplier` > 0 the round is DP-SGD (fedcore.privacy.dpsgd; Abadi et al., 2016):
+Poisson-sampled batches of expected size `batch_size`, each example's gradient clipped to
+`dp_max_grad_norm`, Gaussian noise added; batches and noise come from the device's own entropy,
+never from the round's seed, which the coordinator knows. Off, not one number changes.
+Runs on the device (Python 3.8, torch).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Mapping, Optional
@@ -40,6 +47,11 @@ class TrainPlan:
     # and the worker's delta back; topk_fraction is top-k's share of each tensor (topk only).
     compression: str = "none"
     topk_fraction: float = 0.0
+    # DP-SGD (fedcore.privacy.dpsgd): each example's gradient clipped to dp_max_grad_norm,
+    # Gaussian noise of dp_noise_multiplier times that, Poisson-sampled batches of expected size
+    # batch_size, from a generator seeded on the device; dp_noise_multiplier 0: off
+    dp_noise_multiplier: float = 0.0
+    dp_max_grad_norm: float = 0.0
 
     def to_dict(self) -> Dict[str, Any]:
         """The plan as a train request carries it. Without compression the two compression
@@ -51,6 +63,8 @@ class TrainPlan:
             del out["compression"]
         if self.compression != "topk":
             del out["topk_fraction"]
+        if self.dp_noise_multiplier == 0:
+            del out["dp_noise_multiplier"], out["dp_max_grad_norm"]
         return out
 
     @classmethod
@@ -83,6 +97,16 @@ class TrainPlan:
             raise WireError(f"train plan needs steps >= 1, batch_size >= 1, lr > 0: {plan}")
         if not 0 <= plan.prox_mu < float("inf"):
             raise WireError(f"train plan needs a finite prox_mu >= 0, got {plan.prox_mu}")
+        if not (0 <= plan.dp_noise_multiplier < 1e6 and 0 <= plan.dp_max_grad_norm < 1e6):
+            raise WireError(f"train plan needs finite DP parameters >= 0: {plan}")
+        if plan.dp_noise_multiplier > 0 and not plan.dp_max_grad_norm > 0:
+            raise WireError("train plan with dp_noise_multiplier needs dp_max_grad_norm > 0")
+        if plan.dp_noise_multiplier > 0:
+            from .privacy.dpsgd import dpsgd_available
+
+            ok, why = dpsgd_available()
+            if not ok:  # refused before training, by name, rather than failing mid-round
+                raise WireError(f"train plan asks for DP-SGD, which this device cannot run: {why}")
         codecs(plan.compression)  # an unknown scheme is a WireError naming the known ones
         if plan.compression == "topk" and not 0 < plan.topk_fraction <= 1:
             raise WireError(f"train plan needs a topk_fraction in (0, 1], got {plan.topk_fraction}")
@@ -146,20 +170,48 @@ def train_local(
     samples = 0
     if pacer is not None:
         pacer.begin()
-    for idx in batch_indices(labels.numel(), plan.steps, plan.batch_size, generator):
+    dp = plan.dp_noise_multiplier > 0
+    if dp:
+        from .privacy.dpsgd import dp_backward, poisson_batches, secret_generator
+
+        # never `generator`: it comes from the round's derived seed, which the coordinator knows
+        secret = secret_generator()
+        n = labels.numel()
+        batches = poisson_batches(n, min(1.0, plan.batch_size / n), plan.steps, secret)
+    else:
+        batches = batch_indices(labels.numel(), plan.steps, plan.batch_size, generator)
+    for idx in batches:
         idx = idx.to(images.device)
         x, y = images.index_select(0, idx), labels.index_select(0, idx)
         opt.zero_grad(set_to_none=True)
-        out = model(x)
-        if plan.label_smoothing > 0:
-            loss = F.cross_entropy(out, y, label_smoothing=plan.label_smoothing)
+        if dp:
+            mean = dp_backward(
+                model,
+                x,
+                y,
+                functools.partial(F.cross_entropy, label_smoothing=plan.label_smoothing),
+                plan.dp_max_grad_norm,
+                plan.dp_noise_multiplier,
+                secret,
+                expected_batch_size=plan.batch_size,
+            )
+            total += mean.double().cpu() * y.numel()
+            if anchor is not None:  # the proximal gradient depends on weights only
+                with torch.no_grad():
+                    for k, p in params.items():
+                        if p.grad is not None:  # dp_backward sets every trainable one's
+                            p.grad.add_(p - anchor[k], alpha=plan.prox_mu)
         else:
-            loss = F.nll_loss(out, y)
-        total += loss.detach().double().cpu() * y.numel()
-        if anchor is not None:
-            prox = sum(((p - anchor[k]) ** 2).sum() for k, p in params.items())
-            loss = loss + 0.5 * plan.prox_mu * prox
-        loss.backward()
+            out = model(x)
+            if plan.label_smoothing > 0:
+                loss = F.cross_entropy(out, y, label_smoothing=plan.label_smoothing)
+            else:
+                loss = F.nll_loss(out, y)
+            total += loss.detach().double().cpu() * y.numel()
+            if anchor is not None:
+                prox = sum(((p - anchor[k]) ** 2).sum() for k, p in params.items())
+                loss = loss + 0.5 * plan.prox_mu * prox
+            loss.backward()
         if grad_correction is not None:
             with torch.no_grad():
                 for k, p in params.items():

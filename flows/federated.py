@@ -20,7 +20,7 @@ from pydantic import Field
 import fedcore
 from fedcore import report
 from fedcore.config import ExperimentConfig, WorkerConfig, fedmnist_home, load_config, parse_config
-from fedcore.errors import DataError, FedError
+from fedcore.errors import ConfigError, DataError, FedError
 from fedcore.protocol import Hello
 from fedcore.resume import ResumePoint, find_run_dir, load_resume_point
 from fedcore.session import WorkerSession
@@ -155,7 +155,14 @@ def federated_mnist(
         raw = dict(point.config)
         if rounds is not None:
             raw["rounds"] = rounds
-        return run_training(parse_config(raw, f"resumed {point.run_dir}"), point.config_path, point)
+        cfg = parse_config(raw, f"resumed {point.run_dir}")
+        if cfg.privacy.enabled:  # the budget spent so far is not yet part of the round state
+            raise ConfigError(
+                f"{point.run_dir.name}: a training with privacy.enabled cannot be resumed in this "
+                "version (its devices' privacy ledger is not kept in the round state, so epsilon "
+                "would restart from 0): start a new training instead"
+            )
+        return run_training(cfg, point.config_path, point)
     path = check_config_path(resolve_config_path(config_path))
     cfg = load_config(
         path,

@@ -3,10 +3,10 @@
 One round is: train (every trainer in parallel, one `train-<worker>-rNN` task each, the round
 tried again below quorum when the config says so), aggregate (the `aggregate-rNN` task),
 evaluate when due (the `evaluate-rNN` task), record. Recording writes the round's state to the
-run folder first and only then logs it to MLflow and the Prefect artifacts, so a training resumed
-after a crash never records a round twice and never misses one. Both happen on the run's
-`RoundWriter` thread (fedcore.resume), in that order, while the next round trains: a round's
-critical path is its training, aggregation and evaluation. Each timeline line carries the
+run folder first (fsynced, in the flow's thread: a round said to be done is one a resume starts
+after) and only then logs it to MLflow, the Prefect artifacts and the run folder's pictures, on
+the run's `RoundWriter` thread (fedcore.resume) while the next round trains; so a training resumed
+after a crash never records a round twice and never misses one. Each timeline line carries the
 round's phases (seconds in training, of which the slowest worker's own compute, aggregation,
 evaluation and writing), which benchmarks/seed_phases.py reads.
 
@@ -38,6 +38,8 @@ from fedcore.config import ExperimentConfig
 from fedcore.errors import QuorumNotReached, UpdateRejected, cause_of
 from fedcore.evaluation import EvalResult
 from fedcore.model import initial_weights, num_parameters
+from fedcore.privacy.budget import PrivacyBudget
+from fedcore.privacy.errors import PrivacyBudgetSpent
 from fedcore.protocol import TrainRequest, Update
 from fedcore.resume import ResumePoint, RoundWriter, write_round
 from fedcore.screening import ScreeningHistory
@@ -84,6 +86,16 @@ class RunContext:
         return self.cfg.evaluators[0].name if self.cfg.evaluators else None
 
     @cached_property
+    def privacy(self) -> PrivacyBudget | None:
+        """Each device's epsilon and who may still train, when DP-SGD is on (`privacy:`)."""
+        return PrivacyBudget(self.cfg.privacy, self.trainers) if self.cfg.privacy.enabled else None
+
+    def example_counts(self) -> dict[str, int | None]:
+        """Each trainer's example count as its hello gave it (bounded by its split's size)."""
+        plan = self.cfg.train.plan(1)
+        return {n: self.expected_counts(n, plan).shard_size for n in self.trainers}
+
+    @cached_property
     def screening(self) -> ScreeningHistory:
         """The accepted distances of recent rounds, for screening's absolute bound."""
         return ScreeningHistory(self.cfg.screening.norm_factor)
@@ -96,7 +108,9 @@ class RunContext:
         if hello is not None:
             split = next(w for w in self.cfg.workers if w.name == name).shard().split
             shard = min(hello.num_examples, MNIST_SPLIT_SIZES.get(split, hello.num_examples))
-        return ExpectedCounts(shard, plan.steps, plan.batch_size)
+        # DP-SGD's Poisson batches vary in size: only the shard bounds what a step may see.
+        batch = shard if plan.dp_noise_multiplier > 0 and shard else plan.batch_size
+        return ExpectedCounts(shard, plan.steps, batch)
 
     @cached_property
     def config_json(self) -> dict[str, Any]:
@@ -159,7 +173,11 @@ def train_rounds(ctx: RunContext, resume: ResumePoint | None = None) -> dict[str
     )
     evaluations: dict[int, dict[str, float]] = {}
     for rnd in range(first, cfg.rounds + 1):
-        result = run_round(ctx, rnd, weights)
+        try:
+            result = run_round(ctx, rnd, weights)
+        except PrivacyBudgetSpent as exc:
+            logger.warning("Training stopped before round %d: %s", rnd, exc)
+            break
         if result.evaluation is not None:
             evaluations[rnd] = {m: r.accuracy for m, r in result.evaluation.items()}
         weights = result.weights
@@ -200,7 +218,7 @@ def run_round(ctx: RunContext, rnd: int, weights: Weights) -> RoundResult:
     ctx.writer.check()  # a round that could not be written stops the training
     started = time.perf_counter()
     get_run_logger().info("Training round %d/%d", rnd, ctx.cfg.rounds)
-    plan = dataclasses.replace(ctx.cfg.train.plan(rnd), **ctx.strategy.plan_overrides())
+    plan = dataclasses.replace(ctx.cfg.plan(rnd), **ctx.strategy.plan_overrides())
     updates, failures = train_round(ctx, rnd, plan, weights)
     trained = time.perf_counter()
     aggregated = aggregate(ctx.strategy, rnd, weights, updates, failures)
@@ -216,7 +234,7 @@ def run_round(ctx: RunContext, rnd: int, weights: Weights) -> RoundResult:
     result = RoundResult(
         rnd, plan, updates, failures, aggregated, evaluation, done - started, phases
     )
-    record_round(ctx, result)
+    record_round(ctx, result, extra=ctx.privacy.metrics() if ctx.privacy else None)
     return result
 
 
@@ -257,6 +275,17 @@ def train_once(
         QuorumNotReached: fewer valid updates than the config's quorum.
     """
     cfg = ctx.cfg
+    names = ctx.trainers
+    if ctx.privacy is not None:  # only devices whose next round stays within their budget
+        names = ctx.privacy.admit(rnd, plan, ctx.example_counts(), cfg.required_updates())
+        for name in ctx.privacy.newly_stopped(rnd):
+            get_run_logger().warning(
+                "Round %d: %s's privacy budget is spent (epsilon %.3f of %g): it trains no more",
+                rnd,
+                name,
+                ctx.privacy.epsilon(name),
+                cfg.privacy.target_epsilon,
+            )
     futures = {
         name: train_on_worker.submit(
             ctx.sessions[name],
@@ -271,8 +300,10 @@ def train_once(
             ),
             cfg.timeouts.train,
         )
-        for name in ctx.trainers
+        for name in names
     }
+    if ctx.privacy is not None:  # asked to train: its budget is spent, answer or not
+        ctx.privacy.charge(plan, list(futures), ctx.example_counts())
     updates: list[Update] = []
     failures: list[Failure] = []
     for name, future in futures.items():
@@ -376,9 +407,10 @@ def record_round(
     extra: Mapping[str, float] | None = None,
     schedule_tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Queue the round for the run's writer: its state (with a non-sync `schedule`'s state) to
-    the run folder and a timeline line, then (only once that is durable) MLflow (with the
-    `extra` metrics) and the Prefect artifacts. Returns at once, after logging the round's line.
+    """Write the round's state (with a non-sync `schedule`'s state) to the run folder and a
+    timeline line, durably, then queue its record for the run's writer thread: MLflow (with the
+    `extra` metrics), the Prefect artifacts and the pictures. Returns after logging the round's
+    line, which therefore only ever names a round a resume would start after.
 
     The order is the resume guarantee: a round is complete once its state is on disk, and only
     a complete round is recorded. What the writer needs is copied here, in the flow's thread,
@@ -410,9 +442,11 @@ def record_round(
             k[12:]: v for k, v in (extra or {}).items() if k.startswith("contributed/") and v
         },
     )
+    ctx.writer.check()  # a round that could not be recorded stops the training
+    path = job.write()
     # Prefect's run context (the flow run the artifacts and log lines belong to) goes along.
     context = contextvars.copy_context()
-    ctx.writer.submit(job.write, lambda path: context.run(job.record, path))
+    ctx.writer.submit(lambda: path, lambda written: context.run(job.record, written))
     losses = ", ".join(f"{u.worker} {u.metrics.loss:.3f}" for u in result.updates)
     what = "Round" if ctx.cfg.schedule.is_sync else "Version"
     get_run_logger().info(

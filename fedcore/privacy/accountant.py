@@ -54,10 +54,16 @@ class Steps:
 def _accountant(history: Sequence[Steps], orders: Sequence[float] = ORDERS) -> Any:
     dp = _dp()
     acc = dp.rdp.RdpAccountant(list(orders))
+    # Runs with the same rate and noise compose as one run of their summed steps (RDP adds up),
+    # so a ledger of R equal rounds costs one RDP evaluation, not R.
+    merged: dict[tuple[float, float], int] = {}
     for h in history:
         if h.steps:
-            event = dp.PoissonSampledDpEvent(h.sample_rate, dp.GaussianDpEvent(h.noise_multiplier))
-            acc.compose(dp.SelfComposedDpEvent(event, h.steps))
+            key = (h.sample_rate, h.noise_multiplier)
+            merged[key] = merged.get(key, 0) + h.steps
+    for (q, sigma), steps in merged.items():
+        event = dp.PoissonSampledDpEvent(q, dp.GaussianDpEvent(sigma))
+        acc.compose(dp.SelfComposedDpEvent(event, steps))
     return acc
 
 

@@ -123,3 +123,15 @@ def test_an_inventory_override_replaces_the_fleet(tmp_path: Path) -> None:
         load_config(seed, {"inventory": str(bad)})  # validated like the file's own workers
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(seed, {"inventory": str(tmp_path / "none.yaml")})
+
+
+def test_privacy_sections_are_recorded_only_when_set() -> None:
+    # off, the record (MLflow params, config.json, config_hash) is what it was before they existed
+    seed = load_config(ROOT / "configs" / "seed.yaml")
+    assert "privacy" not in seed.recorded() and "secure_aggregation" not in seed.recorded()
+    private = load_config(ROOT / "configs" / "seed.yaml", {"privacy.enabled": True})
+    assert private.recorded()["privacy"]["noise_multiplier"] == 1.0
+    assert private.config_hash() != seed.config_hash()
+    for cfg in (seed, private):  # a resume reads either record back to the same config
+        assert parse_config(cfg.recorded(), "resumed") == cfg
+        assert parse_config(cfg.model_dump(mode="json"), "resumed") == cfg

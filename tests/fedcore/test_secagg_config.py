@@ -1,38 +1,24 @@
 """The `secure_aggregation:` and `privacy:` sections and their composition rules, on the real
-ExperimentConfig extended exactly as the hookup in fedcore/config.py will (two fields and one
-call in its validator)."""
+ExperimentConfig (its two fields and `check_composition` in its validator), and what loading a
+config file refuses while secure aggregation is not in the round loop."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from pydantic import ValidationError, model_validator
+from pydantic import ValidationError
 
-from fedcore.config import ExperimentConfig
+from fedcore.config import ExperimentConfig, load_config, parse_config
+from fedcore.errors import ConfigError
 from fedcore.model import weight_spec
 from fedcore.privacy.secagg_coordinator import SecAggCoordinator, block_tensors
 from fedcore.privacy.secagg_device import SecAggDevice
-from fedcore.privacy_config import (
-    PrivacyConfig,
-    SecureAggregationConfig,
-    check_composition,
-    evaluates_workers,
-    screening_factor,
-    secagg_setup,
-)
+from fedcore.privacy_config import evaluates_workers, screening_factor, secagg_setup
 
-
-class Hooked(ExperimentConfig):
-    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
-    privacy: PrivacyConfig = PrivacyConfig()
-
-    @model_validator(mode="after")
-    def _privacy(self) -> Hooked:
-        check_composition(self)
-        return self
-
+ROOT = Path(__file__).resolve().parents[2]
 
 WORKERS = [
     {"name": "alice", "labels": [0, 1, 2, 3]},
@@ -42,8 +28,8 @@ WORKERS = [
 ]
 
 
-def config(**raw: Any) -> Hooked:
-    return Hooked.model_validate({"workers": WORKERS, **raw})
+def config(**raw: Any) -> ExperimentConfig:
+    return ExperimentConfig.model_validate({"workers": WORKERS, **raw})
 
 
 def refused(match: str, **raw: Any) -> None:
@@ -139,3 +125,39 @@ def test_the_rounds_setup_follows_the_config() -> None:
     assert list(mean) == list(spec)
     assert all(t.shape == spec[k][0] and t.dtype == spec[k][1] for k, t in mean.items())
     assert float(mean["fc1.weight"].mean()) == pytest.approx(0.002, abs=1e-8)
+
+
+def test_loading_refuses_secure_aggregation_until_the_round_loop_runs_it() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs/seed.yaml", {"secure_aggregation.enabled": True})
+    text = str(err.value)
+    assert "configs/seed.yaml: secure_aggregation is not available in this version:" in text
+    assert "would see every single update" in text and "set enabled: false" in text
+    with pytest.raises(ConfigError, match="secure_aggregation is not available"):
+        parse_config({"workers": WORKERS, "secure_aggregation": SECAGG})
+    # a section that is off is accepted, as is privacy
+    off = load_config(ROOT / "configs/seed.yaml", {"secure_aggregation.enabled": False})
+    assert not off.secure_aggregation.enabled
+    assert load_config(ROOT / "configs/best.yaml", {"privacy.enabled": True}).privacy.enabled
+
+
+def test_unavailability_is_reported_before_any_other_error() -> None:
+    # the seed config scores each worker's model, which composes with secure aggregation no
+    # better; the user learns first that fixing that would not help
+    with pytest.raises(ConfigError, match="not available in this version") as err:
+        parse_config(
+            {
+                "workers": WORKERS,
+                "secure_aggregation": SECAGG,
+                "strategy": {"name": "median", "weighting": "unweighted"},
+                "rounds": 0,
+            }
+        )
+    assert "mutually exclusive" not in str(err.value)
+
+
+def test_privacy_needs_the_sync_schedule_in_this_version() -> None:
+    with pytest.raises(ConfigError, match="privacy with schedule.mode: async is not available"):
+        parse_config(
+            {"workers": WORKERS, "privacy": {"enabled": True}, "schedule": {"mode": "async"}}
+        )

@@ -36,40 +36,74 @@ WORKER_MODULES = (
     "cpu_limit",
     "pacing",
     "worker",
+    # secure aggregation and DP-SGD, device side (imported by worker.py once wired)
+    "privacy.__init__",
+    "privacy.errors",
+    "privacy.shamir",
+    "privacy.fixedpoint",
+    "privacy.primitives",
+    "privacy.neighbours",
+    "privacy.secagg_messages",
+    "privacy.secagg_device",
+    "privacy.dpsgd",
 )
 # The fedcore package folder: this file is fedcore/transport/ssh/bundle.py.
 PACKAGE_DIR = Path(__file__).resolve().parents[2]
 
 
 def module_path(module: str) -> Path:
-    """The file of the top-level fedcore module `module` (e.g. `wire` -> fedcore/wire.py)."""
-    return PACKAGE_DIR / f"{module}.py"
+    """The file of the fedcore module `module`, dotted below fedcore (e.g. `wire` ->
+    fedcore/wire.py, `privacy.shamir` -> fedcore/privacy/shamir.py, `privacy.__init__` ->
+    fedcore/privacy/__init__.py)."""
+    return PACKAGE_DIR.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def _resolve(name: str) -> str | None:
+    """`name` (dotted below fedcore) as a module file, or its package's `__init__`; else None."""
+    if module_path(name).is_file():
+        return name
+    if module_path(f"{name}.__init__").is_file():
+        return f"{name}.__init__"
+    return None
 
 
 def fedcore_imports(module: str) -> set[str]:
-    """Top-level fedcore modules that fedcore/<module>.py imports.
+    """The fedcore modules that fedcore/<module>.py imports, dotted below fedcore.
 
     Args:
-        module: a top-level fedcore module name, e.g. `worker`.
+        module: a fedcore module name, dotted below fedcore, e.g. `worker` or `privacy.shamir`.
 
     Returns:
-        Names of the modules (files directly in fedcore/) it imports, relatively (`from .x import
-        y`, `from . import x`) or absolutely (`from fedcore.x import y`); subpackages are left out.
+        The modules it imports relatively (`from .x import y`, `from . import x`, `from ..x
+        import y`) or absolutely (`from fedcore.x import y`), plus the `__init__` of every
+        subpackage on the way (Python runs it before the module).
 
     Raises:
         OSError: the module's file cannot be read; SyntaxError: it does not parse.
     """
     tree = ast.parse(module_path(module).read_bytes())
-    found = set()
+    package = module.split(".")[:-1]  # `privacy.shamir` and `privacy.__init__` -> ["privacy"]
+    found: set[str] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:  # from .x import y
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:  # from . import x, y
-                found.update(a.name for a in node.names)
-            elif node.level == 0 and node.module and node.module.startswith("fedcore."):
-                found.add(node.module.split(".")[1])
-    return {m for m in found if module_path(m).is_file()}
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level == 0:
+            if not (node.module and node.module.startswith("fedcore.")):
+                continue
+            base = node.module.split(".")[1:]
+        else:
+            up = node.level - 1
+            if up > len(package):
+                continue
+            base = package[: len(package) - up] + (node.module.split(".") if node.module else [])
+        targets = [base] if node.module else [base + [a.name] for a in node.names]
+        for parts in targets:
+            for i in range(1, len(parts)):  # the subpackages' __init__ on the way
+                found.add(_resolve(".".join(parts[:i])) or "")
+            found.add(_resolve(".".join(parts)) or "")
+    found.discard("")
+    found.discard(module)
+    return found
 
 
 def import_closure(roots: Iterable[str]) -> list[str]:
@@ -117,7 +151,9 @@ def code_bundle() -> tuple[str, dict[str, bytes]]:
 
 
 def _code_bundle() -> tuple[str, dict[str, bytes]]:
-    files = {f"fedcore/{m}.py": module_path(m).read_bytes() for m in worker_modules()}
+    files = {
+        f"fedcore/{m.replace('.', '/')}.py": module_path(m).read_bytes() for m in worker_modules()
+    }
     digest = hashlib.sha256()
     for rel in sorted(files):
         digest.update(rel.encode() + b"\0" + str(len(files[rel])).encode() + b"\0" + files[rel])
