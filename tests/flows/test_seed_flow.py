@@ -1,6 +1,6 @@
 """The flow end to end: real worker processes, Prefect's temporary server, a real MLflow store.
 
-Runs `fedmnist run configs/smoke.yaml` (2 rounds) twice in fresh processes with their own
+Runs `fedmnist run configs/smoke.yaml -v` (2 rounds) twice in fresh processes with their own
 FEDMNIST_HOME and PREFECT_HOME, then reads the MLflow record back with MlflowClient and the task
 runs back through the Prefect API.
 """
@@ -32,6 +32,7 @@ def _run(home: Path, mnist_dir: Path, prefect_home: Path) -> tuple[dict, str]:
             str(ROOT / ".venv" / "bin" / "fedmnist"),
             "run",
             "configs/smoke.yaml",
+            "-v",  # Prefect's task state lines too: the task names a person sees in the UI
             "--set",
             f"data_dir={mnist_dir}",
             "--summary-json",

@@ -199,7 +199,11 @@ def test_a_registered_champion_serves_from_a_venv_with_only_mlflow_and_torch(
 ) -> None:
     python = serving_venv / "bin" / "python"
     probe = subprocess.run(
-        [str(python), "-c", "import fedcore"], capture_output=True, text=True, cwd=tmp_path
+        [str(python), "-c", "import fedcore"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": f"{serving_venv / 'bin'}:/usr/bin:/bin"},  # no PYTHONPATH of ours
     )
     assert "No module named 'fedcore'" in probe.stderr  # the project is not there
 
