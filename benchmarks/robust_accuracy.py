@@ -194,7 +194,7 @@ def lab_devices(data_dir: str) -> Iterator[tuple[Path, list[dict[str, Any]]]]:
     """The SSH lab up (under the lab lock) with IID thirds and an evaluator; the trainers run the
     lying worker. Yields (lab folder, its inventory); the lab is torn down on leaving."""
     sys.path.insert(0, str(ROOT / "tests" / "faults"))
-    import lying_worker  # the fault suite's liar; patches only this process's unused Worker
+    import liar_install  # puts the fault suite's liar on the lab (without importing it)
 
     from fedcore.shards import ShardSpec
     from fedlab import lab_down, lab_up
@@ -214,7 +214,7 @@ def lab_devices(data_dir: str) -> Iterator[tuple[Path, list[dict[str, Any]]]]:
         lab_dir.chmod(0o755)
         try:
             info = lab_up(lab_dir, shards, Path(data_dir), evaluator="testing")
-            liar = lying_worker.install(lab_dir, info.python)
+            liar = liar_install.install(lab_dir, info.python)
             workers = yaml.safe_load(info.inventory.read_text())["workers"]
             for w in workers:
                 if w["role"] == "trainer":

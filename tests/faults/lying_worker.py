@@ -56,28 +56,6 @@ def _fire_once(name: str, kind: str, rnd: int) -> bool:
     return True
 
 
-def install(lab_dir: Path, python: str) -> str:
-    """Copy this program into `lab_dir` with a wrapper the lab users can run, and an empty
-    `faults.env`; returns the wrapper's path (the trainers' `ssh.python`)."""
-    liar = lab_dir / "lying_worker.py"
-    liar.write_text(Path(__file__).read_text())
-    (lab_dir / "faults.env").write_text("")
-    wrapper = lab_dir / "device-python"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        'if [ "$1" = "-m" ] && [ "$2" = "fedcore.worker" ]; then\n'
-        "    shift 2\n"
-        f"    . {lab_dir / 'faults.env'}\n"
-        '    export PYTHONPATH="$PWD"\n'
-        f'    exec {python} {liar} "$@"\n'
-        "fi\n"
-        f'exec {python} "$@"\n'
-    )
-    for f in (liar, lab_dir / "faults.env", wrapper):
-        f.chmod(0o755)
-    return str(wrapper)
-
-
 original_train = Worker.train
 
 

@@ -33,6 +33,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT
+from liar_install import install as install_liar
 
 from fedcore.checkpoint import load_weights
 from fedcore.shards import ShardSpec
@@ -47,28 +48,6 @@ Action = Callable[[], None]
 
 
 # -- the lab and its trainings -----------------------------------------------------------------
-
-
-def _device_python(lab_dir: Path, python: str) -> str:
-    """The trainers' `python:`, a wrapper the lab users can run: the lab's interpreter, except
-    that the worker program is `lying_worker.py` reading its cues from `<lab>/faults.env`."""
-    liar = lab_dir / "lying_worker.py"
-    liar.write_text((ROOT / "tests" / "faults" / "lying_worker.py").read_text())
-    (lab_dir / "faults.env").write_text("")
-    wrapper = lab_dir / "device-python"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        'if [ "$1" = "-m" ] && [ "$2" = "fedcore.worker" ]; then\n'
-        "    shift 2\n"
-        f"    . {lab_dir / 'faults.env'}\n"
-        '    export PYTHONPATH="$PWD"\n'
-        f'    exec {python} {liar} "$@"\n'
-        "fi\n"
-        f'exec {python} "$@"\n'
-    )
-    for f in (liar, lab_dir / "faults.env", wrapper):
-        f.chmod(0o755)
-    return str(wrapper)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +66,7 @@ def lab(request: pytest.FixtureRequest, mnist_dir: Path):
     shards = {n: ShardSpec.iid(i, len(TRAINERS), seed=1) for i, n in enumerate(TRAINERS)}
     shards["testing"] = ShardSpec(split="test")
     info = lab_up(lab_dir, shards, mnist_dir, evaluator="testing")
-    device_python = _device_python(lab_dir, info.python)
+    device_python = install_liar(lab_dir, info.python)
     workers = yaml.safe_load(info.inventory.read_text())["workers"]
     for w in workers:
         w["ssh"]["keepalive"] = 2
