@@ -1,5 +1,8 @@
 """Configuration: pydantic models of an experiment and its inventory of workers, read from YAML.
 
+Past 400 lines: one model per config section, each validated against the others in one place
+(`ExperimentConfig`); splitting the sections apart would split their cross-checks.
+
 Every model is frozen and refuses unknown keys (`extra="forbid"`), so a typo is an error that
 names the field, not a silently ignored setting. `load_config` merges dotted overrides
 (`train.lr=0.05`) before validation so overrides are checked exactly like the file. YAML is read

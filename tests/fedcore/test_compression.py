@@ -3,6 +3,8 @@ the real model, hostile requests refused by the worker, SCAFFOLD's records kept 
 a lossy codec, and a real worker process trained with each scheme. The default (`none`) must
 leave the seed's frames and weights exactly as they were. Hostile replies (the checks before any
 work a frame's claims would cause): test_hostile_compression.py.
+
+One module past 400 lines: the schemes share the real model's frames and one worker fixture.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """The Prefect way end to end: a real server, the served deployments, runs through Prefect's CLI.
 
+Past 400 lines: every test shares one module-wide server stack, which is most of its cost.
+
 One module-wide stack: `fedmnist server` (a real `prefect server start` on a free port, its own
 PREFECT_HOME) and `fedmnist serve` (the deployments of configs/deployments.yaml), both in their own
 process groups and stopped at the end even when a test fails. Runs are created with the real
