@@ -50,6 +50,7 @@ class ResumePoint:
     config_path: str
     schedule: dict[str, Any] | None = None  # a non-sync schedule's state (schedules.fleet)
     schedule_tensors: dict[str, torch.Tensor] | None = None  # its models (memory: true)
+    privacy: dict[str, Any] | None = None  # the privacy ledger (PrivacyBudget.state_dict)
 
 
 def write_round(
@@ -65,9 +66,10 @@ def write_round(
     meta: Mapping[str, object],
     schedule: Mapping[str, Any] | None = None,
     schedule_tensors: Mapping[str, torch.Tensor] | None = None,
+    privacy: Mapping[str, Any] | None = None,
 ) -> Path:
     """Record round `round` (a version, under a non-sync schedule) as completed, with the
-    schedule's state when there is one; returns the model file's path."""
+    schedule's state and the privacy ledger when there are; returns the model file's path."""
     model = save_weights(
         run_dir / f"global-r{round:03d}.safetensors", weights, {**meta, "round": round}
     )
@@ -88,6 +90,8 @@ def write_round(
     }
     if schedule is not None:
         state["schedule"] = dict(schedule)
+    if privacy is not None:
+        state["privacy"] = dict(privacy)
     if schedule_tensors:
         schedule_file = run_dir / f"schedule-r{round:03d}.safetensors"
         atomic_write(schedule_file, tensorcodec.dumps(dict(schedule_tensors)))
@@ -250,4 +254,5 @@ def load_resume_point(run_dir: Path) -> ResumePoint:
         config_path=state.get("config_path", ""),
         schedule=state.get("schedule"),
         schedule_tensors=schedule_tensors,
+        privacy=state.get("privacy"),
     )

@@ -156,11 +156,11 @@ def federated_mnist(
         if rounds is not None:
             raw["rounds"] = rounds
         cfg = parse_config(raw, f"resumed {point.run_dir}")
-        if cfg.privacy.enabled:  # the budget spent so far is not yet part of the round state
+        if cfg.privacy.enabled and point.privacy is None:  # epsilon would restart from 0
             raise ConfigError(
-                f"{point.run_dir.name}: a training with privacy.enabled cannot be resumed in this "
-                "version (its devices' privacy ledger is not kept in the round state, so epsilon "
-                "would restart from 0): start a new training instead"
+                f"{point.run_dir.name}: this training has privacy.enabled but its round state "
+                "holds no privacy ledger (written by an older version), so the budget its "
+                "devices spent is unknown: start a new training instead"
             )
         return run_training(cfg, point.config_path, point)
     path = check_config_path(resolve_config_path(config_path))
@@ -223,6 +223,8 @@ def run_training(
         )
         if resume is not None:
             strategy.load_state_dict(resume.strategy)
+            if ctx.privacy is not None:  # the budget the devices spent before the stop
+                ctx.privacy.load_state_dict(resume.privacy or {})
             logger.info(
                 "Resuming %s after round %d of %d from %s",
                 cfg.name,

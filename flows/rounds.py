@@ -441,6 +441,7 @@ def record_round(
         contributed={
             k[12:]: v for k, v in (extra or {}).items() if k.startswith("contributed/") and v
         },
+        privacy=copy.deepcopy(ctx.privacy.state_dict()) if ctx.privacy is not None else None,
     )
     ctx.writer.check()  # a round that could not be recorded stops the training
     path = job.write()
@@ -474,6 +475,7 @@ class RoundJob:
     schedule: dict[str, Any] | None
     schedule_tensors: dict[str, torch.Tensor] | None
     contributed: dict[str, float]
+    privacy: dict[str, Any] | None = None  # the privacy ledger after this round
 
     def write(self) -> Path:
         """The round's state, then its timeline line; returns the model file."""
@@ -494,6 +496,7 @@ class RoundJob:
             meta=ctx.model_meta,
             schedule=self.schedule,
             schedule_tensors=self.schedule_tensors,
+            privacy=self.privacy,
         )
         phases = {**self.phases, "write": time.perf_counter() - started}
         timeline.append(

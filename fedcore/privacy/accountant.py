@@ -131,15 +131,3 @@ class DeviceLedger:
             for d, hs in state["history"].items()
         }
         return cls(float(state["delta"]), float(state["target_epsilon"]), history)
-
-
-def statement(delta: float, target_epsilon: float, noise_multiplier: float, clip: float) -> str:
-    """The guarantee in words, for the run's description."""
-    return (
-        "Example-level differential privacy, per device: each device's training examples are "
-        f"protected with (epsilon, delta) = (at most {target_epsilon:g}, {delta:g}) by DP-SGD "
-        f"on the device (per-example gradients clipped to L2 norm {clip:g}, Gaussian noise of "
-        f"{noise_multiplier:g} x that norm, Poisson-sampled batches), counted by {NAME}. It "
-        "bounds what anyone seeing the device's updates (the coordinator included) can learn "
-        "about any single example; it says nothing about a device's data as a whole."
-    )

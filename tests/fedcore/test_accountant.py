@@ -16,7 +16,7 @@ import math
 
 import pytest
 
-from fedcore.privacy.accountant import DeviceLedger, classic_epsilon, epsilon, statement
+from fedcore.privacy.accountant import DeviceLedger, classic_epsilon, epsilon
 
 TF_PRIVACY = [  # (noise multiplier, epochs, published epsilon, ours with the tighter conversion)
     (1.12, 60, 2.92, 2.5186),
@@ -52,8 +52,3 @@ def test_ledger_composes_rounds_and_stops_before_the_budget() -> None:
     assert ledger.would_exceed("alice", 100_000, 32 / 24000, 1.0)
     again = DeviceLedger.from_state(ledger.state_dict())
     assert again.epsilon("alice") == ledger.epsilon("alice")
-
-
-def test_statement_names_level_unit_and_accountant() -> None:
-    text = statement(1e-5, 2.0, 1.1, 1.0)
-    assert "Example-level" in text and "per device" in text and "dp-accounting RDP" in text

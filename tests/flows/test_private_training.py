@@ -4,7 +4,9 @@ and a device past its budget trains no more.
 The smoke training through the real CLI with `privacy.enabled`, local workers, tracking off. The
 epsilon the run records for each device equals what the coordinator's accountant gives for the
 rounds it was asked to train (steps, its sampling rate batch / examples, the noise multiplier);
-with a budget of one round the training stops before round 2 with round 1's model kept.
+a training resumed after round 2 goes on from the ledger its round state kept (round 3's
+epsilon is three rounds' worth, not one); with a budget of one round the training stops before
+round 2 with round 1's model kept.
 """
 
 from __future__ import annotations
@@ -27,18 +29,22 @@ pytestmark = pytest.mark.slow
 SIGMA = 1.0
 
 
-def _run(base: Path, mnist_dir: Path, *sets: str) -> tuple[subprocess.CompletedProcess, Path]:
+def _fedmnist(base: Path, argv: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, FEDMNIST_HOME=str(base / "home"), PREFECT_HOME=str(base / "prefect"))
     env.pop("PREFECT_API_URL", None)
+    argv = [str(ROOT / ".venv" / "bin" / "fedmnist"), *argv]
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _run(base: Path, mnist_dir: Path, *sets: str) -> tuple[subprocess.CompletedProcess, Path]:
     summary = base / "summary.json"
-    argv = [str(ROOT / ".venv" / "bin" / "fedmnist"), "run", "configs/smoke.yaml"]
-    argv += ["--summary-json", str(summary), "--set", f"data_dir={mnist_dir}"]
+    argv = ["run", "configs/smoke.yaml", "--summary-json", str(summary)]
+    argv += ["--set", f"data_dir={mnist_dir}"]
     argv += ["--set", "tracking.enabled=false", "--set", "privacy.enabled=true"]
     argv += ["--set", f"privacy.noise_multiplier={SIGMA}"]
     for item in sets:
         argv += ["--set", item]
-    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    return proc, summary
+    return _fedmnist(base, argv), summary
 
 
 def _expected(rounds: int, mnist_dir: Path) -> dict[str, float]:
@@ -55,11 +61,13 @@ def _expected(rounds: int, mnist_dir: Path) -> dict[str, float]:
     return out
 
 
-def test_each_device_epsilon_is_recorded_every_round(tmp_path: Path, mnist_dir: Path) -> None:
+def test_each_device_epsilon_is_recorded_every_round_and_survives_a_resume(
+    tmp_path: Path, mnist_dir: Path
+) -> None:
     proc, summary_file = _run(tmp_path, mnist_dir)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    summary = json.loads(summary_file.read_text())
-    point = load_resume_point(Path(summary["checkpoint_dir"]))
+    run_dir = Path(json.loads(summary_file.read_text())["checkpoint_dir"])
+    point = load_resume_point(run_dir)
     assert point.round == 2
     expected = _expected(2, mnist_dir)
     for name, eps in expected.items():
@@ -67,6 +75,16 @@ def test_each_device_epsilon_is_recorded_every_round(tmp_path: Path, mnist_dir: 
         assert 0 < eps < 2.0
     # alice holds four digits: more examples, a lower sampling rate, a smaller epsilon
     assert expected["alice"] < min(expected["bob"], expected["charlie"])
+    assert point.privacy is not None and sorted(point.privacy["ledger"]["history"]) == sorted(
+        expected
+    )
+
+    resumed = _fedmnist(tmp_path, ["run", "--resume", str(run_dir), "--rounds", "3"])
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    point = load_resume_point(run_dir)
+    assert point.round == 3
+    for name, eps in _expected(3, mnist_dir).items():  # three rounds' worth, not one
+        assert point.metrics[f"epsilon/{name}"] == pytest.approx(eps, rel=1e-9), name
 
 
 def test_a_spent_budget_stops_the_training_with_the_last_model(
