@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -107,12 +108,17 @@ def run(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def measure(
-    noise: list[float], repeats: int, rounds: int | None, private_only: bool = False
+    noise: list[float],
+    repeats: int,
+    rounds: int | None,
+    private_only: bool = False,
+    sets: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     settings: list[float | None] = [*([] if private_only else [None]), *noise]
     rows = []
     for sigma in settings:
         overrides: dict[str, Any] = {"rounds": rounds} if rounds else {}
+        overrides.update(sets or {})
         if sigma is not None:
             overrides.update(
                 {
@@ -134,6 +140,7 @@ def measure(
                 "runs": runs,
                 "final_accuracy": statistics.mean(r["final_accuracy"] for r in runs),
                 "epsilon_max": max(runs[0]["epsilon"].values()) if sigma is not None else None,
+                "overrides": dict(sets or {}),
             }
         )
         write(rows, rounds or cfg.rounds)  # what finished survives an interrupted run
@@ -143,15 +150,23 @@ def measure(
 def merge(parts: list[Path]) -> list[dict[str, Any]]:
     """The rows of earlier runs' JSON (one setting each, e.g. run in parallel), non-private
     first, then by noise multiplier; a setting in several parts keeps its last."""
-    rows: dict[float | None, dict[str, Any]] = {}
+    rows: dict[tuple[float, str], dict[str, Any]] = {}
     rounds = None
     for part in parts:
         data = json.loads(part.read_text())
         rounds = data["rounds"]
-        rows.update({r["noise_multiplier"]: r for r in data["rows"]})
-    ordered = [rows[k] for k in sorted(rows, key=lambda s: -1.0 if s is None else s)]
+        for r in data["rows"]:
+            sigma = r["noise_multiplier"]
+            key = (-1.0 if sigma is None else sigma, _variant(r))
+            rows[key] = r
+    ordered = [rows[k] for k in sorted(rows, key=lambda k: (k[1], k[0]))]
     write(ordered, rounds or 40)
     return ordered
+
+
+def _variant(row: dict[str, Any]) -> str:
+    """The row's config overrides besides the noise, e.g. `train.batch_size=512` ('' if none)."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(row.get("overrides", {}).items()))
 
 
 def table(rows: list[dict[str, Any]], rounds: int) -> list[str]:
@@ -179,6 +194,8 @@ def table(rows: list[dict[str, Any]], rounds: int) -> list[str]:
             ok = r["epsilon_max"] <= TARGET_EPSILON and gap >= -TARGET_POINTS
             meets = "yes" if ok else "no"
         label = "none (non-private)" if sigma is None else f"{sigma:g}"
+        if _variant(r):
+            label += f" ({_variant(r)})"
         lines.append(
             f"| {label} | {acc:.2f}%{spread} | {gap:+.2f} | "
             + " | ".join(eps)
@@ -231,13 +248,24 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
     p.add_argument("--private-only", action="store_true", help="skip the non-private run")
     p.add_argument("--merge", type=Path, nargs="+", help="combine these privacy.json parts")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every run, e.g. train.batch_size=512 (YAML value)",
+    )
     args = p.parse_args()
     global OUT
     OUT = args.out or OUT
     if args.merge:
         print("\n".join(table(merge(args.merge), 40)))
         return
-    result = measure(args.noise, args.repeats, args.rounds, args.private_only)
+    sets = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        sets[key] = yaml.safe_load(value)
+    result = measure(args.noise, args.repeats, args.rounds, args.private_only, sets)
     if not args.private_only:
         print("\n".join(table(result["rows"], args.rounds or 40)))
 
