@@ -4,9 +4,12 @@ A fleet of N local trainers (IID parts of MNIST's training set, one torch thread
 `--rounds` rounds of 2 local steps of 32 images through the product (`fedmnist run`: Prefect's
 temporary server, MLflow SQLite, no evaluator), so a worker's own compute is tiny and what is
 left of a round is the framework: the `train-<w>-rNN` task per worker, the 1.7 MB global model
-encoded and written to each worker, its update read, decoded and checked, screening,
-aggregation, and the round's record. From the run's log and timeline (round 1, which also warms
-up every worker, left out), per N, medians over the rounds:
+(encoded once a round) written to each worker, its update read, decoded and checked, screening,
+aggregation, and the round's record. Screening is off, as in configs/fleet-10.yaml, so each
+update is folded into a running sum as it arrives (an earlier checkout given with `--before`
+holds every update and screens none: its `norm_factor: 0` keeps them all). From the run's log
+and timeline (round 1, which also warms up every worker, left out), per N, medians over the
+rounds:
 
 - wall per round: the round's line (training to the round's line, record included);
 - compute: the slowest worker's own training seconds (its "round N: ..., 0.02s" line);
@@ -41,13 +44,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def fleet_config(n: int, rounds: int, folder: Path) -> Path:
-    """A config of `n` IID trainers, 2 local steps, no evaluation."""
+    """A config of `n` IID trainers, 2 local steps, no evaluation, screening off (so each
+    update is folded into the round's running sum as it arrives: flows/rounds.py `streams`)."""
     lines = [
         f"name: fleet-{n}",
         "seed: 1",
         f"rounds: {rounds}",
         "train: {steps: 2, batch_size: 32, lr: 0.1}",
         "strategy: {name: fedavg}",
+        "screening: {norm_factor: 0}",  # as configs/fleet-10.yaml: the round streams
         "timeouts: {start: 900, train: 600}",
         "workers:",
     ]
@@ -91,7 +96,7 @@ def main() -> None:
         for n in sizes:
             config = fleet_config(n, args.rounds, Path(tmp))
             for name, root in variants.items():
-                run = run_product(root, None, None, config=str(config))
+                run = run_product(root, None, None, str(config))
                 table[name].append(figures(run, n))
                 print(name, json.dumps(table[name][-1]), flush=True)
     for rows in table.values():

@@ -1,8 +1,11 @@
 """Where the seed run's time goes: the product's phases next to the plain loop's, with ratios.
 
-Runs `fedmnist run configs/seed.yaml` (Prefect's temporary server, 4 local worker processes, a new
-MLflow SQLite store; a fresh FEDMNIST_HOME and PREFECT_HOME per run) and the plain in-process loop
-of benchmarks/seed_overhead.py alternately, `--runs` times each, and reports medians. With
+Runs `fedmnist run configs/seed.yaml` (Prefect's temporary server, 4 local worker processes, the
+MLflow SQLite store) and the plain in-process loop of benchmarks/seed_overhead.py alternately,
+`--runs` times each after one warm-up run of each (not counted), and reports medians. Each version
+keeps one FEDMNIST_HOME and PREFECT_HOME for the sitting, as a user's machine does, so the
+databases are created and migrated in the warm-up; `--cold` gives every run fresh ones (a first
+run ever: about 12 s more of Prefect's and MLflow's migrations). With
 `--before DIR` (a copy of an earlier checkout, e.g. `git archive HEAD | tar -x -C DIR`) that
 version's product runs in the same rotation, so a change is measured against what it changed.
 
@@ -32,6 +35,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -131,13 +135,20 @@ def product_phases(output: str, started: float, ended: float, run_dir: Path) -> 
 
 
 def run_product(
-    root: Path, rounds: int | None, keep: Path | None, config: str = "configs/seed.yaml"
+    root: Path,
+    rounds: int | None,
+    keep: Path | None,
+    config: str = "configs/seed.yaml",
+    homes: Path | None = None,
 ) -> dict[str, Any]:
-    """One `fedmnist run CONFIG` of the checkout at `root`, in fresh homes; its phases."""
+    """One `fedmnist run CONFIG` of the checkout at `root`; its phases. Its FEDMNIST_HOME and
+    PREFECT_HOME are fresh, or those under `homes` (kept from run to run, as a user's are)."""
     with tempfile.TemporaryDirectory(prefix="fedmnist-phases-") as tmp:
         base = Path(keep or tmp)
         base.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, FEDMNIST_HOME=str(base / "home"), PREFECT_HOME=str(base / "pf"))
+        at = homes or base
+        at.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, FEDMNIST_HOME=str(at / "home"), PREFECT_HOME=str(at / "pf"))
         env.pop("PREFECT_API_URL", None)
         env.pop("MLFLOW_TRACKING_URI", None)
         env["PYTHONPATH"] = str(root)
@@ -146,6 +157,7 @@ def run_product(
             "-c",
             "import sys; from flows.cli import main; sys.exit(main())",
             "run",
+            "-v",  # Prefect's task state lines, which `product_phases` reads
             config,
             "--set",
             f"data_dir={default_data_dir()}",
@@ -231,13 +243,20 @@ def main() -> None:
     p.add_argument("--before", type=Path, help="a copy of an earlier checkout to run alongside")
     p.add_argument("--keep", type=Path, help="keep each product run's homes and log here")
     p.add_argument("--out", type=Path, default=RESULTS / "seed_phases", help="results stem")
+    p.add_argument("--cold", action="store_true", help="fresh homes for every product run")
     args = p.parse_args()
     variants = {"product": ROOT} | ({"before": args.before.resolve()} if args.before else {})
     runs: dict[str, list[dict[str, Any]]] = {"bare": [], **{k: [] for k in variants}}
+    sitting = Path(tempfile.mkdtemp(prefix="fedmnist-sitting-"))
+    homes = {name: None if args.cold else sitting / name for name in variants}
+    for name, root in variants.items():  # warm-up: imports cached, databases made
+        run_product(root, args.rounds, None, homes=homes[name])
+        print(f"{name} warm-up done", flush=True)
+    run_bare(args.rounds)
     for i in range(args.runs):
         for name, root in variants.items():
             keep = args.keep / f"{name}-{i}" if args.keep else None
-            runs[name].append(run_product(root, args.rounds, keep))
+            runs[name].append(run_product(root, args.rounds, keep, homes=homes[name]))
             print(f"{name} {i}: {runs[name][-1]['total']:.1f}s", flush=True)
         runs["bare"].append(run_bare(args.rounds))
         print(f"bare {i}: {runs['bare'][-1]['total']:.1f}s", flush=True)
@@ -272,11 +291,13 @@ def main() -> None:
         "config": "configs/seed.yaml",
         "rounds": args.rounds or 40,
         "runs": args.runs,
+        "homes": "fresh per run" if args.cold else "one per version for the sitting, warmed",
         "medians": table,
         "ratios": ratios,
         "raw": runs,
         "load_average": os.getloadavg(),
     }
+    shutil.rmtree(sitting, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
     args.out.with_suffix(".md").write_text(markdown(result))
@@ -311,6 +332,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Seed run by phase: {result['rounds']} rounds, median of {result['runs']} "
         "alternating runs",
+        "",
+        f"Each after a warm-up run; the product's homes: {result.get('homes', 'fresh per run')}.",
         "",
         head,
         "|---|---|" + "---|" * len(names),

@@ -384,21 +384,9 @@ def _describe(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-SECAGG_UNAVAILABLE = (
-    "secure_aggregation is not available in this version: the round loop does not yet run its "
-    "key agreement and masking, so the coordinator would see every single update. Remove the "
-    "secure_aggregation section (or set enabled: false); privacy: (DP-SGD on the devices) is "
-    "available"
-)
-
-
 def parse_config(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
     """Validate a raw mapping; errors name each bad field. A valid config asking for what this
-    version cannot run yet is refused too (`check_available`), before any other error, so
-    fixing the other errors first is never wasted work."""
-    secagg = raw.get("secure_aggregation")
-    if isinstance(secagg, dict) and secagg.get("enabled") is True:
-        raise ConfigError(f"{source}: {SECAGG_UNAVAILABLE}")
+    version cannot run yet is refused too (`check_available`)."""
     try:
         config = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
@@ -411,16 +399,12 @@ def check_available(config: ExperimentConfig, source: str = "config") -> None:
     """Refuse a config whose sections hold together but that this version's round loop does not
     run, rather than train without what it asks for.
 
-    - `secure_aggregation.enabled`: the device and coordinator state machines exist
-      (fedcore.privacy.secagg_*) but the round loop does not run their exchange yet;
     - `privacy.enabled` with a semi-sync or async schedule: the privacy ledger charges each
       device per synchronous round.
 
     Raises:
         ConfigError: naming the section and the fix.
     """
-    if config.secure_aggregation.enabled:
-        raise ConfigError(f"{source}: {SECAGG_UNAVAILABLE}")
     if config.privacy.enabled and not config.schedule.is_sync:
         raise ConfigError(
             f"{source}: privacy with schedule.mode: {config.schedule.mode} is not available in "

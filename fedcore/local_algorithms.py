@@ -192,6 +192,12 @@ class ScaffoldClient:
         delta = {k: c_plus[k] - c_i[k] for k in c_i}
         if transmit is not None:
             delta = transmit(delta)
-        # Kept as c_i + delta, the very sum the server forms, so both records stay bit-equal.
-        self._pending = (round, {k: c_i[k] + delta[k] for k in c_i})
+        self.sent(round, delta)
         return {CONTROL_DELTA: delta}
+
+    def sent(self, round: int, delta: Mapping[str, torch.Tensor]) -> None:
+        """`delta` left for the server in `round`: c_i becomes c_i + delta once the server
+        acknowledges that round (the next `begin`). Kept as that very sum, so the two records of
+        c_i stay bit-equal; secure aggregation passes the delta as quantised in the masked sum."""
+        c_i = self.control()
+        self._pending = (round, {k: c_i[k] + delta[k] for k in c_i})

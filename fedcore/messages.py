@@ -25,6 +25,18 @@ MAX_ROUND = 2**31 - 1
 # No device holds 2^31 images; a count past it is a lie, refused before anyone weights by it.
 MAX_COUNT = 2**31 - 1
 MAX_GROUPS = 64  # digit groups in an evaluate request
+# A hello's facts about its machine (fedcore.device_facts): at most this many, each key a short
+# lower-case word (it becomes part of an MLflow tag name), each value a short text.
+MAX_FACTS = 32
+MAX_FACT_KEY = 32
+MAX_FACT_VALUE = 256
+# An update's per-round device facts: only these keys, each within its range (MiB, degrees C).
+DEVICE_METRICS = {
+    "rss_mb": (0.0, float(1 << 24)),
+    "rss_peak_mb": (0.0, float(1 << 24)),
+    "cuda_max_mb": (0.0, float(1 << 24)),
+    "temp_c": (-60.0, 200.0),
+}
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,9 @@ class Hello:
     # worker's hello has neither and reads as unpaced.
     slowdown: float = 1.0
     pacing: str = "none"
+    # What it runs on beyond the fields above (fedcore.device_facts.hello_facts): CUDA device,
+    # memory, `cryptography`, `torch_func`, a Jetson's model. An older worker's hello has none.
+    facts: Dict[str, str] = field(default_factory=dict)
 
     @property
     def num_examples(self) -> int:
@@ -73,6 +88,9 @@ class Update:
     extras: Dict[str, Tensors] = field(default_factory=dict)
     wire_bytes: int = 0  # bytes of the request plus the reply, as sent
     wire_bytes_down: int = 0  # of which the request's (coordinator -> worker)
+    # The device after the round (fedcore.device_facts.RoundProbe; keys of DEVICE_METRICS): what
+    # the device does not expose is absent, never 0. An older worker's update has none.
+    device: Dict[str, float] = field(default_factory=dict)
 
 
 class RemoteError(Exception):

@@ -24,10 +24,17 @@ Decoders take nothing on trust: every field is checked for its type and range
 numbers must agree with each other and with what the coordinator asked and the evaluator's hello
 reported. Any violation is a `WireError` naming the message and the field; the session that
 received it drops the connection (fedcore.session).
+
+A round's global model is encoded once for all its workers (`encode_train`'s per-round cache of
+the payload, keyed on the tensors themselves): the same bytes each worker would get encoded alone.
+
+Past 400 lines because every frame's encoder sits next to its decoder and its checks: split by
+message, a change to one field would have to be made in two modules that must agree.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -39,7 +46,11 @@ from .evaluation import EvalResult
 # The messages are their own module (fedcore.messages); every name stays importable from here.
 from .messages import CLASSES as CLASSES
 from .messages import COMPRESSION_PROTOCOL as COMPRESSION_PROTOCOL
+from .messages import DEVICE_METRICS as DEVICE_METRICS
 from .messages import MAX_COUNT as MAX_COUNT
+from .messages import MAX_FACT_KEY as MAX_FACT_KEY
+from .messages import MAX_FACT_VALUE as MAX_FACT_VALUE
+from .messages import MAX_FACTS as MAX_FACTS
 from .messages import MAX_GROUPS as MAX_GROUPS
 from .messages import MAX_ROUND as MAX_ROUND
 from .messages import PROTOCOL_VERSION as PROTOCOL_VERSION
@@ -90,6 +101,7 @@ def encode_hello(h: Hello) -> bytes:
             "pid": h.pid,
             "slowdown": h.slowdown,
             "pacing": h.pacing,
+            "facts": dict(h.facts),
         }
     )
 
@@ -118,7 +130,29 @@ def decode_hello(meta: wire.Meta) -> Hello:
         protocol=wire.integer(meta.get("protocol"), "hello protocol", 0, MAX_ROUND),
         slowdown=slowdown,
         pacing=pacing,
+        facts=_facts(meta.get("facts", {})),
     )
+
+
+def _facts(value: object) -> Dict[str, str]:
+    """A hello's facts about its machine: at most MAX_FACTS, each key a short lower-case word
+    (letters, digits, `_`: it becomes part of an MLflow tag name), each value a short text."""
+    raw = wire.mapping(value, "hello facts")
+    if len(raw) > MAX_FACTS:
+        raise WireError(f"hello facts has {len(raw)} entries, limit {MAX_FACTS}")
+    facts = {}
+    for key, fact in raw.items():
+        if not (0 < len(key) <= MAX_FACT_KEY and key.isascii() and _is_word(key)):
+            raise WireError(
+                f"hello facts key {wire.quote(key)} is not a word of a-z, 0-9 and _ "
+                f"(at most {MAX_FACT_KEY} characters)"
+            )
+        facts[key] = wire.text(fact, f"hello fact {key}", MAX_FACT_VALUE)
+    return facts
+
+
+def _is_word(key: str) -> bool:
+    return all(c.islower() or c.isdigit() or c == "_" for c in key)
 
 
 def _pacing(value: object, slowdown: float) -> str:
@@ -134,23 +168,75 @@ def _pacing(value: object, slowdown: float) -> str:
 def encode_train(req: TrainRequest) -> bytes:
     """The train request's frame: the global model and extras in the plan's downlink codec.
 
+    Every trainer of a round gets the same global model, so its payload is encoded once: the
+    last payload is kept with the tensors it was made from and reused while a request carries
+    the very same tensor objects, unmodified since (`_TrainPayloads`); the frame is byte for
+    byte the one encoded afresh. Only the JSON part (round, plan, seed) differs per worker.
+
     Raises:
         WireError: the plan's compression cannot carry a value (fp16 beyond its range).
     """
     groups: Dict[str, Mapping[str, torch.Tensor]] = {"global": req.weights}
     groups.update(req.extras)
     down, _ = compression.codecs(req.plan.compression)
-    if down != compression.F32:
-        groups = dict(compression.encode(down, groups)[0])
-    return _frame(
-        {
-            "type": "train",
-            "round": req.round,
-            "plan": req.plan.to_dict(),
-            "sample_seed": req.sample_seed,
-        },
-        groups,
-    )
+    meta = {
+        "type": "train",
+        "round": req.round,
+        "plan": req.plan.to_dict(),
+        "sample_seed": req.sample_seed,
+    }
+    return wire.encode_frame(meta, _TRAIN_PAYLOADS.payload(groups, down))
+
+
+class _TrainPayloads:
+    """The last train payload and what it was encoded from, shared by the request threads.
+
+    The key holds each tensor's identity, its in-place version counter (`Tensor._version`,
+    bumped by every in-place operation), data pointer, shape and dtype, and the cache holds the
+    tensors themselves, so no freed tensor's id can come back under the key: a payload is reused
+    only for the same unmodified tensors. The lock makes a round's concurrent requests wait for
+    the first one's encoding instead of each encoding the model.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: Optional[Tuple[Any, ...]] = None
+        self._held: List[torch.Tensor] = []
+        self._payload = b""
+
+    def payload(self, groups: Mapping[str, Mapping[str, torch.Tensor]], codec: str) -> bytes:
+        tensors = [t for g in groups.values() for t in g.values()]
+        key = _fingerprint(groups, codec)
+        with self._lock:
+            if key is not None and key == self._key:
+                return self._payload
+            if codec != compression.F32:
+                groups = dict(compression.encode(codec, groups)[0])
+            payload = tensorcodec.dumps(wire.join_prefixed(groups)) if groups else b""
+            if key is not None:
+                self._key, self._held, self._payload = key, tensors, payload
+            return payload
+
+    def clear(self) -> None:
+        with self._lock:
+            self._key, self._held, self._payload = None, [], b""
+
+
+def _fingerprint(
+    groups: Mapping[str, Mapping[str, torch.Tensor]], codec: str
+) -> Optional[Tuple[Any, ...]]:
+    """What identifies a payload's input (None: a tensor without a version counter: no reuse)."""
+    parts: List[Any] = [codec]
+    for g, tensors in groups.items():
+        for name, t in tensors.items():
+            version = getattr(t, "_version", None)
+            if not isinstance(version, int):
+                return None
+            parts.append((g, name, id(t), version, t.data_ptr(), tuple(t.shape), t.dtype))
+    return tuple(parts)
+
+
+_TRAIN_PAYLOADS = _TrainPayloads()
 
 
 def decode_train(
@@ -194,6 +280,7 @@ def encode_update(u: Update, wire_groups: Optional[Mapping[str, Tensors]] = None
                 "samples": m.samples,
                 "steps": m.steps,
                 "seconds": m.seconds,
+                **({"device": dict(u.device)} if u.device else {}),
             },
         },
         groups,
@@ -231,6 +318,7 @@ def decode_update(
         steps=wire.integer(m.get("steps"), "update metric steps", 0, MAX_COUNT),
         seconds=wire.number(m.get("seconds"), "update metric seconds", 0.0),
     )
+    device = _device_metrics(m.get("device", {}))
     worker = wire.text(meta.get("worker"), "update worker")
     rnd = wire.integer(meta.get("round"), "update round", 0, MAX_ROUND)
     num_examples = wire.integer(meta.get("num_examples"), "update num_examples", 0, MAX_COUNT)
@@ -247,7 +335,24 @@ def decode_update(
     if up != compression.F32:
         assert reference is not None
         weights = {k: _rebuild(reference.get(k), d) for k, d in weights.items()}
-    return Update(worker, rnd, weights, num_examples, metrics, groups, wire_bytes, wire_bytes_down)
+    return Update(
+        worker, rnd, weights, num_examples, metrics, groups, wire_bytes, wire_bytes_down, device
+    )
+
+
+def _device_metrics(value: object) -> Dict[str, float]:
+    """An update's device facts after its round: only DEVICE_METRICS' keys, each in its range."""
+    raw = wire.mapping(value, "update device metrics")
+    out = {}
+    for key, number in raw.items():
+        if key not in DEVICE_METRICS:
+            raise WireError(
+                f"update device metric {wire.quote(key)} is unknown; "
+                f"expected some of {sorted(DEVICE_METRICS)}"
+            )
+        lo, hi = DEVICE_METRICS[key]
+        out[key] = wire.number(number, f"update device metric {key}", lo, hi)
+    return out
 
 
 def _rebuild(reference: Optional[torch.Tensor], delta: torch.Tensor) -> torch.Tensor:

@@ -141,6 +141,18 @@ class WorkerSession:
             raise WorkerFailed(self.name, f"{error}: {wire.clip(str(meta.get('message')), 2000)}")
         return meta, payload, len(frame) + received
 
+    def request(
+        self, frame: bytes, timeout: float | None, max_payload: int
+    ) -> tuple[wire.Meta, bytes, int]:
+        """One request frame and its reply (meta, payload, bytes both ways), under the session's
+        lock: for protocols built beside train/evaluate (secure aggregation's phases).
+
+        Raises:
+            WorkerUnreachable, WorkerTimeout, WorkerFailed: as `train`.
+        """
+        with self._lock:
+            return self._call(frame, timeout, max_payload)
+
     def _decode(self, what: str, decode: Callable[[], T]) -> T:
         """`decode()`, or on a WireError the connection dropped and WorkerFailed raised."""
         try:

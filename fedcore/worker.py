@@ -41,6 +41,7 @@ from typing import Any, BinaryIO, Dict, List, Optional
 import torch
 
 from . import compression, protocol, wire
+from .device_facts import RoundProbe, hello_facts
 from .errors import FedError, WireError
 from .evaluation import evaluate
 from .local_algorithms import CONTROL_DELTA, ScaffoldClient
@@ -83,6 +84,7 @@ class Worker:
         )
         # What update compression left out of past deltas, sent with the next (error feedback).
         self.feedback = compression.ErrorFeedback()
+        self.probe = RoundProbe(device)  # the device's facts after each round (memory, heat)
         log.info("%s holds %d images (%s) on %s", name, labels.numel(), spec.describe(), device)
 
     def hello(self) -> bytes:
@@ -98,6 +100,7 @@ class Worker:
                 pid=os.getpid(),
                 slowdown=self.pacing.slowdown,
                 pacing=self.pacing.mode,
+                facts=hello_facts(self.device),
             )
         )
 
@@ -115,6 +118,7 @@ class Worker:
         )
         gen = torch.Generator().manual_seed(req.sample_seed)
         mark = self.pacing.mark()
+        self.probe.start()
         metrics = train_local(
             self.model,
             self.images,
@@ -153,8 +157,11 @@ class Worker:
             metrics.seconds,
             self.pacing.note(mark),
         )
+        facts = self.probe.facts()  # memory and heat after the round: the device's own record
         return protocol.encode_update(
-            protocol.Update(self.name, req.round, weights, self.labels.numel(), metrics, extras),
+            protocol.Update(
+                self.name, req.round, weights, self.labels.numel(), metrics, extras, device=facts
+            ),
             sent,
         )
 
@@ -236,6 +243,7 @@ def _delta(trained: torch.Tensor, received: torch.Tensor) -> torch.Tensor:
 def serve(worker: Worker, stdin: BinaryIO, stdout: BinaryIO, max_payload: int) -> int:
     """Answer requests until bye or end of input; returns the exit code."""
     read_exact = wire.stream_reader(stdin)
+    secagg = None  # the secure-aggregation state (fedcore.secagg_worker), made on first use
     while True:
         try:
             meta, payload = wire.read_frame(read_exact, max_payload)
@@ -260,6 +268,12 @@ def serve(worker: Worker, stdin: BinaryIO, stdout: BinaryIO, max_payload: int) -
                 reply = worker.train(meta, payload)
             elif kind == "evaluate":
                 reply = worker.evaluate(meta, payload)
+            elif isinstance(kind, str) and kind.startswith("secagg_"):
+                if secagg is None:  # imported here: only secure aggregation needs it
+                    from .secagg_worker import SecAggWorker
+
+                    secagg = SecAggWorker(worker)
+                reply = secagg.handle(kind, meta, payload)
             elif kind == "bye":
                 _send(stdout, protocol.encode_simple("bye"))
                 return 0

@@ -1,9 +1,11 @@
 """The lab devices' Python: a venv of Debian's /usr/bin/python3 with torch, built once, shared.
 
 A Jetson runs its own system Python with JetPack's torch, not the coordinator's venv; the lab
-mirrors that with a venv of the system interpreter. It lies outside root's home (mode 700, which
-the lab users could not enter), is built under a file lock so that labs started at once build it
-only once, and is marked ready only after it imports torch, so a half-built venv is rebuilt.
+mirrors that with a venv of the system interpreter, with torch and `cryptography` (secure
+aggregation's crypto, which JetPack's system Python carries too). It lies outside root's home
+(mode 700, which the lab users could not enter), is built under a file lock so that labs started
+at once build it only once, and is marked ready only after it imports torch, so a half-built
+venv is rebuilt.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ log = logging.getLogger("fedlab")
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 LAB_TORCH = "torch==2.14.1"  # the build this machine kind installs (see the Makefile)
+# Secure aggregation's crypto on the devices, as JetPack's system Python carries it.
+LAB_CRYPTO = "cryptography"
 READY_MARK = ".fedmnist-lab-ready"
 
 
@@ -40,9 +44,11 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _imports_torch(python: Path) -> bool:
+def _imports_torch(python: Path, module: str = "torch") -> bool:
     try:
-        done = subprocess.run([str(python), "-c", "import torch"], capture_output=True, timeout=300)
+        done = subprocess.run(
+            [str(python), "-c", f"import {module}"], capture_output=True, timeout=300
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0
@@ -82,6 +88,8 @@ def ensure_lab_python(venv: Path | str | None = None, lab_dir: Path | None = Non
             ready = True
         if not ready:
             _build(target, python)
+        elif not _imports_torch(python, "cryptography"):  # a venv built before it was needed
+            _install(target, python, LAB_CRYPTO)
     if is_root():
         check_traversable(target, "the lab Python")
     return str(python)
@@ -102,5 +110,13 @@ def _build(target: Path, python: Path) -> None:
     )
     if not _imports_torch(python):
         raise LabError(f"{python} still cannot import torch after installing {LAB_TORCH}")
-    run(["chmod", "-R", "a+rX", str(target)], f"making {target} readable")
+    _install(target, python, LAB_CRYPTO)
     (target / READY_MARK).write_text(LAB_TORCH + "\n")
+
+
+def _install(target: Path, python: Path, package: str) -> None:
+    """pip install `package` into the venv `target` and leave it readable by the device users."""
+    run(
+        [str(python), "-m", "pip", "install", "-q", package], f"pip install {package} into {target}"
+    )
+    run(["chmod", "-R", "a+rX", str(target)], f"making {target} readable")

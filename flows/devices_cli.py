@@ -3,7 +3,9 @@
 fedmnist lab up [--config C] [--dir D]   start one sshd "device" per worker of C (default: the
                                          seed's alice 0-3, bob 4-6, charlie 7-9, testing)
 fedmnist lab status | down
-fedmnist workers check CONFIG            a ready/not-ready table per worker; exit 1 if any is not
+fedmnist workers check CONFIG            a ready/not-ready table per worker (with each device's
+                                         facts: memory, CUDA, secure aggregation and DP-SGD
+                                         readiness); exit 1 if any is not
 fedmnist workers trust NAME --config C   show the device's host key fingerprint, then record it
 """
 
@@ -85,6 +87,7 @@ def check_worker(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
         row.setdefault("torch", hello.torch)
         row["device"] = hello.device
         row["counts"] = hello.label_counts
+        row["facts"] = dict(hello.facts)
         start = time.perf_counter()
         session.hello(cfg.timeouts.start)  # a second hello: the protocol's round trip
         if row.get("latency_ms") is None:
@@ -93,6 +96,35 @@ def check_worker(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
     except FedError as exc:
         row["error"] = str(exc)
     return row
+
+
+def readiness(facts: dict[str, str]) -> list[str]:
+    """What the device can take part in beyond plain training, from its hello's facts: secure
+    aggregation needs `cryptography` on the device, DP-SGD needs `torch.func` (torch >= 2.0)."""
+    crypto = facts.get("cryptography")
+    secagg = f"ready (cryptography {crypto})" if crypto else "NOT ready (no cryptography)"
+    dp = "ready" if facts.get("torch_func") == "yes" else "NOT ready (torch without torch.func)"
+    return [f"secure aggregation {secagg}", f"DP-SGD {dp}"]
+
+
+def facts_line(facts: dict[str, str]) -> str:
+    """A device's facts in one line: machine, memory, CUDA, Jetson model, readiness."""
+    parts = []
+    if "jetson_model" in facts:
+        parts.append(facts["jetson_model"])
+    machine = facts.get("machine")
+    if machine:
+        parts.append(f"{machine}, {facts.get('cpus', '?')} CPUs")
+    if "memory_mb" in facts:
+        parts.append(f"{facts['memory_mb']} MiB")
+    if "cuda_name" in facts:
+        cuda = f"{facts['cuda_name']} (sm {facts.get('cuda_capability', '?')}"
+        parts.append(cuda + f", {facts.get('cuda_memory_mb', '?')} MiB)")
+    if "temp_zone" in facts:
+        parts.append(f"temperature from {facts['temp_zone']}")
+    if not facts:
+        return "no device facts (a worker older than this coordinator)"
+    return "; ".join([", ".join(parts) or "-", *readiness(facts)])
 
 
 def cmd_workers_check(args: argparse.Namespace) -> int:
@@ -117,6 +149,8 @@ def cmd_workers_check(args: argparse.Namespace) -> int:
             f"{row.get('host_key') or '-':9} {row.get('python') or '-':8} "
             f"{row.get('torch') or '-':14} {row.get('device') or '-':6} {latency:>8}  {shard}"
         )
+        if row.get("facts") is not None:
+            print(f"    {facts_line(row['facts'])}")
         if not ready:
             print(f"    -> {row['error']}")
     print(f"{len(cfg.workers) - bad} of {len(cfg.workers)} workers ready")

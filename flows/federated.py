@@ -21,6 +21,7 @@ import fedcore
 from fedcore import report
 from fedcore.config import ExperimentConfig, WorkerConfig, fedmnist_home, load_config, parse_config
 from fedcore.errors import ConfigError, DataError, FedError
+from fedcore.privacy.budget import PrivacyBudget
 from fedcore.protocol import Hello
 from fedcore.resume import ResumePoint, find_run_dir, load_resume_point
 from fedcore.session import WorkerSession
@@ -286,7 +287,17 @@ def open_record(
         },
         params=params,
         config=config,
+        description=guarantees(cfg),
     )
+
+
+def guarantees(cfg: ExperimentConfig) -> str | None:
+    """What the training promises about its devices' data, in words, for the run's description
+    (None when it promises nothing beyond keeping the examples on the devices)."""
+    if not cfg.privacy.enabled:
+        return None
+    trainers = [w.name for w in cfg.trainers]
+    return "**Privacy.** " + PrivacyBudget(cfg.privacy, trainers).statement()
 
 
 def log_hello(worker: WorkerConfig, hello: Hello) -> None:

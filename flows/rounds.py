@@ -1,14 +1,16 @@
 """The rounds of a training, as named steps over one run context.
 
-One round is: train (every trainer in parallel, one `train-<worker>-rNN` task each, the round
-tried again below quorum when the config says so), aggregate (the `aggregate-rNN` task),
-evaluate when due (the `evaluate-rNN` task), record. Recording writes the round's state to the
-run folder first (fsynced, in the flow's thread: a round said to be done is one a resume starts
-after) and only then logs it to MLflow, the Prefect artifacts and the run folder's pictures, on
-the run's `RoundWriter` thread (fedcore.resume) while the next round trains; so a training resumed
-after a crash never records a round twice and never misses one. Each timeline line carries the
-round's phases (seconds in training, of which the slowest worker's own compute, aggregation,
-evaluation and writing), which benchmarks/seed_phases.py reads.
+One round is: train (every trainer in parallel, one `train-<worker>-rNN` task each, the round tried
+again below quorum when the config says so), aggregate (the `aggregate-rNN` task), evaluate when
+due (the `evaluate-rNN` task), record (flows/round_record.py). Under secure aggregation the train
+and aggregate steps are flows/secure_round.py's; for a fleet whose updates need not be held,
+flows/streamed_round.py folds each as it arrives. Recording writes the round's state to the run
+folder first (fsynced, in the flow's thread: a round said to be done is one a resume starts after)
+and only then logs it to MLflow, the Prefect artifacts and the run folder's pictures, on the run's
+`RoundWriter` thread (fedcore.resume) while the next round trains; so a training resumed after a
+crash never records a round twice and never misses one. Each timeline line carries the round's
+phases (seconds in training, of which the slowest worker's own compute, aggregation, evaluation and
+writing), which benchmarks/seed_phases.py reads.
 
 A round is a group of tasks in the flow run, never a subflow: a subflow adds about 1.2 s of
 Prefect API calls to every round, more than a short round's local training takes.
@@ -19,21 +21,20 @@ Past 400 lines because the sync loop's steps are shared by the non-sync schedule
 
 from __future__ import annotations
 
-import contextvars
-import copy
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from prefect import get_run_logger
 from prefect.futures import PrefectFuture
+from prefect.utilities.annotations import quote
 
-from fedcore import report, timeline
+from fedcore import report
 from fedcore.config import ExperimentConfig
 from fedcore.errors import QuorumNotReached, UpdateRejected, cause_of
 from fedcore.evaluation import EvalResult
@@ -41,19 +42,20 @@ from fedcore.model import initial_weights, num_parameters
 from fedcore.privacy.budget import PrivacyBudget
 from fedcore.privacy.errors import PrivacyBudgetSpent
 from fedcore.protocol import TrainRequest, Update
-from fedcore.resume import ResumePoint, RoundWriter, write_round
+from fedcore.resume import ResumePoint, RoundWriter
 from fedcore.screening import ScreeningHistory
 from fedcore.seeding import derive_seed
 from fedcore.session import WorkerSession
 from fedcore.strategies import ExpectedCounts, Failure, Strategy
-from fedcore.strategies.base import StrategyState
 from fedcore.training import TrainPlan
-from tasks.aggregation import aggregate
+from flows.round_record import record_round
+from tasks.aggregation import aggregate, finish_aggregate
 from tasks.artifacts import RunArtifacts
-from tasks.tracking import Tracker, eval_metrics, round_metrics
+from tasks.tracking import Tracker
 from tasks.workers import evaluate_models, train_on_worker
 
 Weights = dict[str, torch.Tensor]
+T = TypeVar("T")
 MNIST_SPLIT_SIZES = {"train": 60000, "test": 10000}  # no shard holds more than its split
 
 
@@ -219,9 +221,28 @@ def run_round(ctx: RunContext, rnd: int, weights: Weights) -> RoundResult:
     started = time.perf_counter()
     get_run_logger().info("Training round %d/%d", rnd, ctx.cfg.rounds)
     plan = dataclasses.replace(ctx.cfg.plan(rnd), **ctx.strategy.plan_overrides())
-    updates, failures = train_round(ctx, rnd, plan, weights)
-    trained = time.perf_counter()
-    aggregated = aggregate(ctx.strategy, rnd, weights, updates, failures)
+    from flows.streamed_round import streams, train_streamed  # noqa: PLC0415 - builds on this
+
+    extra_phases: dict[str, float] = {}
+    extra: dict[str, float] = {}
+    if ctx.cfg.secure_aggregation.enabled:  # the coordinator sees only the sum of the updates
+        from flows.secure_round import secure_round  # noqa: PLC0415 - only when it is on
+
+        updates, failures, aggregated, summed = secure_round(ctx, rnd, plan, weights)
+        extra.update(summed)
+        trained = time.perf_counter()
+    elif streams(ctx):  # each update folded as it arrives (flows/streamed_round.py)
+        updates, failures, folded = retry_below_quorum(
+            ctx, rnd, lambda: train_streamed(ctx, rnd, plan, weights)
+        )
+        trained = time.perf_counter()
+        aggregated = finish_aggregate(unwalked(folded), rnd, failures, ctx.trainers)
+        extra_phases = {"fold": folded.seconds}  # within "train": checking and folding updates
+    else:
+        updates, failures = train_round(ctx, rnd, plan, weights)
+        trained = time.perf_counter()
+        # unwalked: Prefect would otherwise walk every update's tensors for futures
+        aggregated = aggregate(ctx.strategy, rnd, unwalked(weights), unwalked(updates), failures)
     aggregated_at = time.perf_counter()
     evaluation = evaluate_if_due(ctx, rnd, updates, aggregated)
     done = time.perf_counter()
@@ -230,11 +251,14 @@ def run_round(ctx: RunContext, rnd: int, weights: Weights) -> RoundResult:
         "compute": max((u.metrics.seconds for u in updates), default=0.0),
         "aggregate": aggregated_at - trained,
         "evaluate": done - aggregated_at,
+        **extra_phases,
     }
     result = RoundResult(
         rnd, plan, updates, failures, aggregated, evaluation, done - started, phases
     )
-    record_round(ctx, result, extra=ctx.privacy.metrics() if ctx.privacy else None)
+    if ctx.privacy is not None:  # epsilon after this round's charge
+        extra.update(ctx.privacy.metrics())
+    record_round(ctx, result, extra=extra)
     return result
 
 
@@ -247,11 +271,21 @@ def train_round(
     Raises:
         QuorumNotReached: still below the quorum after the last try.
     """
+    return retry_below_quorum(ctx, rnd, lambda: train_once(ctx, rnd, plan, weights))
+
+
+def retry_below_quorum(ctx: RunContext, rnd: int, attempt: Callable[[], T]) -> T:
+    """`attempt()`, tried again when it raises QuorumNotReached, up to `round_retries` times
+    when the config says `below_quorum: retry`.
+
+    Raises:
+        QuorumNotReached: still below the quorum after the last try.
+    """
     retries = ctx.cfg.round_retries if ctx.cfg.below_quorum == "retry" else 0
     tries = 0
     while True:
         try:
-            return train_once(ctx, rnd, plan, weights)
+            return attempt()
         except QuorumNotReached as exc:
             tries += 1
             if tries > retries:
@@ -274,6 +308,28 @@ def train_once(
     Raises:
         QuorumNotReached: fewer valid updates than the config's quorum.
     """
+    futures = submit_training(ctx, rnd, plan, weights)
+    updates: list[Update] = []
+    failures: list[Failure] = []
+    for name, future in futures.items():
+        got = collect_update(ctx, rnd, name, future, weights, ctx.expected_counts(name, plan))
+        if isinstance(got, Failure):
+            failures.append(got)
+        else:
+            updates.append(got)
+    screened = ctx.screening.screen(updates, weights)
+    for name, reason in screened.dropped:
+        failures.append(rejection(rnd, name, reason, shown=reason))
+    check_quorum(ctx, rnd, len(screened.kept), failures)
+    ctx.screening.accept(screened)
+    return screened.kept, failures
+
+
+def submit_training(
+    ctx: RunContext, rnd: int, plan: TrainPlan, weights: Weights
+) -> dict[str, PrefectFuture[Update]]:
+    """Round `rnd`'s `train-<worker>-rNN` task of every trainer (of every device still within
+    its privacy budget, which is charged), by worker."""
     cfg = ctx.cfg
     names = ctx.trainers
     if ctx.privacy is not None:  # only devices whose next round stays within their budget
@@ -291,12 +347,15 @@ def train_once(
             ctx.sessions[name],
             name,
             rnd,
-            TrainRequest(
-                rnd,
-                plan,
-                derive_seed(cfg.seed, name, rnd),
-                weights,
-                ctx.strategy.extras_for(name, rnd),
+            # unwalked: Prefect would otherwise walk the request's tensors for futures
+            unwalked(
+                TrainRequest(
+                    rnd,
+                    plan,
+                    derive_seed(cfg.seed, name, rnd),
+                    weights,
+                    ctx.strategy.extras_for(name, rnd),
+                )
             ),
             cfg.timeouts.train,
         )
@@ -304,25 +363,17 @@ def train_once(
     }
     if ctx.privacy is not None:  # asked to train: its budget is spent, answer or not
         ctx.privacy.charge(plan, list(futures), ctx.example_counts())
-    updates: list[Update] = []
-    failures: list[Failure] = []
-    for name, future in futures.items():
-        got = collect_update(ctx, rnd, name, future, weights, ctx.expected_counts(name, plan))
-        if isinstance(got, Failure):
-            failures.append(got)
-        else:
-            updates.append(got)
-    screened = ctx.screening.screen(updates, weights)
-    for name, reason in screened.dropped:
-        failures.append(rejection(rnd, name, reason, shown=reason))
-    if len(screened.kept) < cfg.required_updates():
+    return futures
+
+
+def check_quorum(ctx: RunContext, rnd: int, valid: int, failures: Sequence[Failure]) -> None:
+    """Raise QuorumNotReached when `valid` updates are fewer than the config's quorum."""
+    if valid < ctx.cfg.required_updates():
         raise QuorumNotReached(
-            f"round {rnd}: {len(screened.kept)} of {len(ctx.trainers)} workers returned an "
-            f"update, {cfg.required_updates()} needed; failed: "
+            f"round {rnd}: {valid} of {len(ctx.trainers)} workers returned an "
+            f"update, {ctx.cfg.required_updates()} needed; failed: "
             + "; ".join(f"{f.worker} ({f.cause}: {f.message})" for f in failures)
         )
-    ctx.screening.accept(screened)
-    return screened.kept, failures
 
 
 def collect_update(
@@ -336,14 +387,28 @@ def collect_update(
     """Wait for worker `name`'s training task: its update if the strategy accepts it (its counts
     checked against `expected`: fedcore.strategies.base.check_counts), else the failure, with
     the cause its error carries (`FedError.cause`)."""
+    got = task_outcome(rnd, name, future)
+    if isinstance(got, Failure):
+        return got
+    try:
+        ctx.strategy.check_update(got, weights, expected)
+    except UpdateRejected as exc:
+        return rejection(rnd, name, exc.reason, shown=exc)
+    return got
+
+
+def unwalked(value: T) -> T:
+    """`value` as a task parameter Prefect does not walk looking for futures (its `quote`,
+    unwrapped before the task runs): walking a request's or a round's tensors cost a train
+    task more than encoding its frame."""
+    return cast(T, quote(value))
+
+
+def task_outcome(rnd: int, name: str, future: PrefectFuture[Update]) -> Update | Failure:
+    """Wait for worker `name`'s training task: its update, or the failure (logged)."""
     future.wait()
     if future.state.is_completed():
-        update = future.result()
-        try:
-            ctx.strategy.check_update(update, weights, expected)
-        except UpdateRejected as exc:
-            return rejection(rnd, name, exc.reason, shown=exc)
-        return update
+        return future.result()
     error = future.state.result(raise_on_failure=False)
     cause = cause_of(error)
     get_run_logger().warning("Round %d: %s dropped (%s): %s", rnd, name, cause, error)
@@ -398,143 +463,3 @@ def evaluate_if_due(
         for line in report.evaluation_lines(model, res, ctx.groups):
             logger.info(line)
     return results
-
-
-def record_round(
-    ctx: RunContext,
-    result: RoundResult,
-    schedule: Mapping[str, Any] | None = None,
-    extra: Mapping[str, float] | None = None,
-    schedule_tensors: Mapping[str, torch.Tensor] | None = None,
-) -> None:
-    """Write the round's state (with a non-sync `schedule`'s state) to the run folder and a
-    timeline line, durably, then queue its record for the run's writer thread: MLflow (with the
-    `extra` metrics), the Prefect artifacts and the pictures. Returns after logging the round's
-    line, which therefore only ever names a round a resume would start after.
-
-    The order is the resume guarantee: a round is complete once its state is on disk, and only
-    a complete round is recorded. What the writer needs is copied here, in the flow's thread,
-    because the strategy, the fleet and the weights change as the next round goes on.
-    """
-    rnd, evaluation = result.round, result.evaluation
-    metrics = round_metrics(result.updates, result.failures)
-    metrics["lr"] = result.plan.lr
-    metrics["round_seconds"] = result.seconds
-    metrics["elapsed_seconds"] = time.monotonic() - ctx.started
-    metrics.update(extra or {})
-    state = ctx.strategy.state_dict()
-    job = RoundJob(
-        ctx=ctx,
-        round=rnd,
-        weights={k: t.detach().clone() for k, t in result.weights.items()},
-        strategy=StrategyState(state.strategy, state.tensors, copy.deepcopy(state.values)),
-        metrics=metrics,
-        evaluation=evaluation,
-        updates=[u.worker for u in result.updates],
-        phases=dict(result.phases),
-        schedule=copy.deepcopy(dict(schedule)) if schedule is not None else None,
-        schedule_tensors=(
-            {k: t.detach().clone() for k, t in schedule_tensors.items()}
-            if schedule_tensors
-            else None
-        ),
-        contributed={
-            k[12:]: v for k, v in (extra or {}).items() if k.startswith("contributed/") and v
-        },
-        privacy=copy.deepcopy(ctx.privacy.state_dict()) if ctx.privacy is not None else None,
-    )
-    ctx.writer.check()  # a round that could not be recorded stops the training
-    path = job.write()
-    # Prefect's run context (the flow run the artifacts and log lines belong to) goes along.
-    context = contextvars.copy_context()
-    ctx.writer.submit(lambda: path, lambda written: context.run(job.record, written))
-    losses = ", ".join(f"{u.worker} {u.metrics.loss:.3f}" for u in result.updates)
-    what = "Round" if ctx.cfg.schedule.is_sync else "Version"
-    get_run_logger().info(
-        "%s %d/%d done in %.1fs (training loss: %s)",
-        what,
-        rnd,
-        ctx.cfg.rounds,
-        result.seconds,
-        losses,
-    )
-
-
-@dataclass(frozen=True)
-class RoundJob:
-    """One round as the writer thread handles it: write it, then record it."""
-
-    ctx: RunContext
-    round: int
-    weights: Weights
-    strategy: StrategyState
-    metrics: dict[str, float]
-    evaluation: dict[str, EvalResult] | None
-    updates: list[str]
-    phases: dict[str, float]
-    schedule: dict[str, Any] | None
-    schedule_tensors: dict[str, torch.Tensor] | None
-    contributed: dict[str, float]
-    privacy: dict[str, Any] | None = None  # the privacy ledger after this round
-
-    def write(self) -> Path:
-        """The round's state, then its timeline line; returns the model file."""
-        ctx, started = self.ctx, time.perf_counter()
-        evaluation = self.evaluation
-        path = write_round(
-            ctx.run_dir,
-            config=ctx.config_json,
-            config_path=ctx.config_path,
-            round=self.round,
-            weights=self.weights,
-            strategy=self.strategy,
-            metrics={
-                **self.metrics,
-                **(eval_metrics(evaluation, ctx.groups) if evaluation else {}),
-            },
-            mlflow_run_id=ctx.tracker.run_id_or_none(),
-            meta=ctx.model_meta,
-            schedule=self.schedule,
-            schedule_tensors=self.schedule_tensors,
-            privacy=self.privacy,
-        )
-        phases = {**self.phases, "write": time.perf_counter() - started}
-        timeline.append(
-            ctx.run_dir,
-            {
-                "round": self.round,
-                "seconds": round(self.metrics["elapsed_seconds"], 3),
-                "wall": time.time(),
-                "model_file": path.name,
-                "updates": self.updates,
-                **({"contributed": self.contributed} if self.schedule else {}),
-                "phases": {k: round(v, 4) for k, v in phases.items()},
-            },
-        )
-        return path
-
-    def record(self, path: Path) -> None:
-        """MLflow (the model file, the evaluation, the metrics) and the Prefect artifacts."""
-        ctx, rnd = self.ctx, self.round
-        ctx.tracker.log_artifact(path, "models")
-        if self.evaluation is not None:
-            ctx.tracker.log_evaluation(rnd, self.evaluation, ctx.groups, path)
-            ctx.artifacts.evaluation(rnd, self.evaluation, ctx.groups)
-            draw_run_figures(ctx.run_dir, rnd, self.evaluation, ctx.groups)
-        ctx.tracker.log_metrics(self.metrics, step=rnd)
-        ctx.artifacts.round_done(rnd)
-
-
-def draw_run_figures(
-    run_dir: Path, rnd: int, evaluation: dict[str, EvalResult], groups: list[list[int]]
-) -> None:
-    """Redraw the run folder's pictures with round `rnd`'s evaluation (tracking on or off).
-
-    Pictures are for people: a folder that cannot take them costs a warning, never the training.
-    """
-    from tasks.figures import RunFolderError, update_figures
-
-    try:
-        update_figures(run_dir, rnd, evaluation, groups)
-    except (RunFolderError, OSError) as exc:
-        get_run_logger().warning("Round %d: the run folder's pictures not redrawn: %s", rnd, exc)

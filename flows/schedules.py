@@ -32,13 +32,13 @@ from fedcore.resume import ResumePoint, load_version
 from fedcore.schedules.fleet import Arrival, Fleet, Job
 from fedcore.seeding import derive_seed
 from fedcore.strategies import Failure
+from flows.round_record import record_round
 from flows.rounds import (
     RoundResult,
     RunContext,
     Weights,
     collect_update,
     evaluate_if_due,
-    record_round,
     rejection,
     training_summary,
 )

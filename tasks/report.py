@@ -8,12 +8,14 @@ the accuracy of every model at every evaluated round, a per-device table and the
 
 What it reads, all in the run folder (`runs/<time>-<name>-<flow run>/`): `state.json` (config,
 last round, its metrics, MLflow run id: fedcore/resume.py), `timeline.jsonl` (which devices'
-updates made each round: fedcore/timeline.py) and `evaluations.jsonl` (tasks/figures.py). A run
+updates made each round) and `devices.jsonl` (each device's hello: Python, torch, CUDA, memory,
+secure aggregation and DP-SGD readiness; both fedcore/timeline.py) and `evaluations.jsonl`
+(tasks/figures.py). A run
 folder may come from someone else, so each file is size-bounded before it is read, values are
 type-checked where they are used, and every value on the page is HTML-escaped; nothing in the
 folder is executed and no model is loaded.
 
-About 400 lines on purpose: reading the records, turning them into rows and writing the page
+About 470 lines on purpose: reading the records, turning them into rows and writing the page
 (with its small style sheet) are one concern, the shared page, and are read together.
 """
 
@@ -31,19 +33,21 @@ from typing import Any
 
 import yaml
 
+from fedcore import timeline
 from fedcore.evaluation import EvalResult
 from fedcore.report import model_label
 from fedcore.shards import format_labels
+from fedcore.timeline import DEVICES_FILE, TIMELINE_FILE
 from tasks import figures
 from tasks.figures import RunFolderError
 from tasks.tracking.naming import FEDERATED
 
 STATE_FILE = "state.json"  # fedcore.resume.STATE_FILE, kept without importing torch
-TIMELINE_FILE = "timeline.jsonl"  # fedcore.timeline.TIMELINE_FILE
 REPORT_FILE = "report.html"
 MAX_STATE_BYTES = 16 * 1024 * 1024
 MAX_TIMELINE_BYTES = 64 * 1024 * 1024
 MAX_WORKERS = 1000
+FACT_CHARS = 120  # of one hello value shown
 
 
 def _read_bounded(path: Path, limit: int) -> str:
@@ -77,28 +81,17 @@ def read_state(run_dir: Path) -> dict[str, Any]:
     return state
 
 
-def read_timeline(run_dir: Path) -> list[dict[str, Any]]:
-    """Every complete line of `timeline.jsonl` ([] when absent); a torn last line is left out.
+def read_record(run_dir: Path, file: str) -> list[dict[str, Any]]:
+    """Every complete line of the run folder's `file` (`timeline.jsonl`, `devices.jsonl`), read
+    by fedcore.timeline.read (size-bounded, a torn last line left out).
 
     Raises:
         RunFolderError: too large, or a line other than the last is not a JSON object.
     """
-    path = run_dir / TIMELINE_FILE
-    if not path.is_file():
-        return []
-    lines = _read_bounded(path, MAX_TIMELINE_BYTES).splitlines()
-    out = []
-    for i, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            if i == len(lines):
-                break
-            raise RunFolderError(f"{path}: line {i} is not JSON; the file is damaged") from None
-        if not isinstance(record, dict):
-            raise RunFolderError(f"{path}: line {i} is not a JSON object")
-        out.append(record)
-    return out
+    try:
+        return timeline.read(run_dir, file, MAX_TIMELINE_BYTES)
+    except ValueError as exc:
+        raise RunFolderError(str(exc)) from None
 
 
 # -- values as text -----------------------------------------------------------------------------
@@ -205,6 +198,66 @@ def device_rows(
     return rows
 
 
+def _fact(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)[:FACT_CHARS]
+
+
+def hello_rows(
+    hellos: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any]
+) -> list[dict[str, str]]:
+    """One row per worker that said hello (its last hello): what it runs on, what it can do,
+    and its device metrics of the last round (as plain text)."""
+    last: dict[str, Mapping[str, Any]] = {}
+    for hello in hellos[: MAX_WORKERS * 16]:
+        last[str(hello.get("worker", "?"))[:FACT_CHARS]] = hello
+    rows = []
+    for name, hello in list(last.items())[:MAX_WORKERS]:
+        raw = hello.get("facts")
+        facts: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
+        machine = facts.get("jetson_model") or (
+            f"{facts['machine']}, {_fact(facts.get('cpus'))} CPUs" if facts.get("machine") else None
+        )
+        cuda = facts.get("cuda_name")
+        if cuda:
+            cuda = f"{cuda} (sm {_fact(facts.get('cuda_capability'))})"
+        crypto = facts.get("cryptography")
+        func = facts.get("torch_func")
+        rows.append(
+            {
+                "worker": name,
+                "python": _fact(hello.get("python")),
+                "torch": _fact(hello.get("torch")),
+                "device": _fact(hello.get("device")),
+                "machine": _fact(machine),
+                "memory": _fact(facts.get("memory_mb")),
+                "cuda": _fact(cuda),
+                "secagg": f"yes ({_fact(crypto)})" if crypto else "no",
+                "dpsgd": "-" if func is None else ("yes" if func == "yes" else "no"),
+                "rss": _fixed(metrics.get(f"device/{name}/rss_mb"), 0),
+                "peak": _fixed(metrics.get(f"device/{name}/rss_peak_mb"), 0),
+                "cuda_max": _fixed(metrics.get(f"device/{name}/cuda_max_mb"), 0),
+                "temp": _fixed(metrics.get(f"device/{name}/temp_c"), 1),
+            }
+        )
+    return rows
+
+
+HELLO_COLUMNS = (
+    ("worker", "worker"),
+    ("python", "Python"),
+    ("torch", "torch"),
+    ("device", "device"),
+    ("machine", "machine"),
+    ("memory", "memory (MiB)"),
+    ("cuda", "CUDA"),
+    ("secagg", "secure aggregation (cryptography)"),
+    ("dpsgd", "DP-SGD (torch.func)"),
+    ("rss", "RSS (MiB)"),
+    ("peak", "peak RSS (MiB)"),
+    ("cuda_max", "CUDA max (MiB)"),
+    ("temp", "temperature (C)"),
+)
+
 DEVICE_COLUMNS = (
     ("worker", "worker"),
     ("role", "role"),
@@ -304,7 +357,8 @@ def build_report(run_dir: Path) -> str:
     config: dict[str, Any] = state["config"]
     raw_metrics = state.get("metrics")
     metrics: dict[str, Any] = raw_metrics if isinstance(raw_metrics, dict) else {}
-    timeline = read_timeline(run_dir)
+    rounds_done = read_record(run_dir, TIMELINE_FILE)
+    hellos = read_record(run_dir, DEVICES_FILE)
     evaluations, groups = figures.read_evaluations(run_dir)
     last_round = max(evaluations) if evaluations else None
     last_eval = evaluations[last_round] if last_round is not None else {}
@@ -318,7 +372,7 @@ def build_report(run_dir: Path) -> str:
     )
     strategy = config.get("strategy")
     schedule = config.get("schedule")
-    elapsed = timeline[-1].get("seconds") if timeline else metrics.get("elapsed_seconds")
+    elapsed = rounds_done[-1].get("seconds") if rounds_done else metrics.get("elapsed_seconds")
     summary = [
         ("training", config.get("name", "?")),
         ("run folder", run_dir.name),
@@ -376,7 +430,7 @@ def build_report(run_dir: Path) -> str:
             "<h2>Test accuracy by round</h2>",
             _table(["round", *(model_label(m) for m in models)], rows),
         ]
-    devices = device_rows(config, metrics, timeline, last_eval)
+    devices = device_rows(config, metrics, rounds_done, last_eval)
     parts += [
         "<h2>Devices</h2>",
         _table(
@@ -385,8 +439,20 @@ def build_report(run_dir: Path) -> str:
             numeric_from=5,
         ),
         f'<p class="sub">"updates used": rounds (or versions) whose global model took the '
-        f"worker's update, of the {len(timeline)} recorded in {_e(TIMELINE_FILE)}; the last "
+        f"worker's update, of the {len(rounds_done)} recorded in {_e(TIMELINE_FILE)}; the last "
         f"round's figures are those of round {_e(state.get('round', '?'))}.</p>",
+        "<h3>What each device said it is</h3>",
+        _table(
+            [title for _, title in HELLO_COLUMNS],
+            [[row[key] for key, _ in HELLO_COLUMNS] for row in hello_rows(hellos, metrics)],
+            numeric_from=len(HELLO_COLUMNS) - 4,
+        )
+        if hellos
+        else f'<p class="note">No hello is recorded ({_e(DEVICES_FILE)} is absent: the '
+        "training ran before hellos were written into the run folder).</p>",
+        f'<p class="sub">From each worker\'s hello (the last, when a worker was restarted), '
+        f"in {_e(DEVICES_FILE)}; memory and temperature as the device measured them after the "
+        "last round; - where the device does not expose them.</p>",
         "<h2>Config</h2>",
         f"<pre>{_e(_config_text(config))}</pre>",
         "</body></html>",

@@ -9,12 +9,18 @@ a worker that ran past its deadline, a rejected update or a worker's own error i
 A worker program's own log lines (its stderr, or its SSH channel's) arrive on a transport's reader
 thread as records of `fedcore.worker.<name>`. That thread has no Prefect run context, so Prefect's
 API handler would drop them; `start_worker` stamps them with the flow run, so they show in the
-flow run's logs next to the coordinator's.
+flow run's logs next to the coordinator's, and every task that talks to the worker
+(`start-<w>`, `train-<w>-rNN`, `evaluate-rNN`) makes itself the task run the worker's next lines
+belong to (Prefect's handler files a record carrying `task_run_id` under that task run), so
+`train-alice-r07`'s page shows what alice said while training round 7. The stamp moves at the
+next task, not when a task ends: a worker's last line of a round (written just before its reply)
+may reach the reader thread after the reply has ended the task, and belongs to it all the same.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,7 +29,7 @@ import torch
 from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run, task_run
 
 from fedcore.errors import FedError
 from fedcore.evaluation import EvalResult
@@ -47,16 +53,32 @@ def is_transient(task: Task[..., Any], task_run: TaskRun | None, state: State) -
 
 
 class FlowRunStamp(logging.Filter):
-    """Attach a flow run id to records that carry none (Prefect files a record under it)."""
+    """Attach a flow run id, and the worker's current task run id when it has one, to records
+    that carry none (Prefect's API handler files a record under them)."""
 
     def __init__(self, flow_run_id: str) -> None:
         super().__init__()
         self.flow_run_id = flow_run_id
+        # The task run now talking to the worker (`stamp_task_run`); replaced, never cleared.
+        self.task_run_id: uuid.UUID | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "flow_run_id", None):
             record.flow_run_id = self.flow_run_id
+            if self.task_run_id is not None and not getattr(record, "task_run_id", None):
+                record.task_run_id = self.task_run_id
         return True
+
+
+def stamp_task_run(worker: str) -> None:
+    """Make the current task run the one `worker`'s log lines belong to from now on (until the
+    next task talking to it); outside a task run, or before `forward_worker_logs`, nothing."""
+    run_id = task_run.get_id()
+    if not run_id:
+        return
+    logger = logging.getLogger(f"fedcore.worker.{worker}")
+    for stamp in [f for f in logger.filters if isinstance(f, FlowRunStamp)]:
+        stamp.task_run_id = uuid.UUID(str(run_id))
 
 
 def forward_worker_logs(worker: str) -> None:
@@ -84,6 +106,7 @@ def forward_worker_logs(worker: str) -> None:
 def start_worker(session: WorkerSession, timeout: float) -> Hello:
     """Start a worker program and wait for its hello (what it holds, what it runs on)."""
     forward_worker_logs(session.name)
+    stamp_task_run(session.name)
     session.start()
     return session.hello(timeout)
 
@@ -101,6 +124,7 @@ def train_on_worker(
     session: WorkerSession, worker: str, round: int, request: TrainRequest, timeout: float
 ) -> Update:
     """One round of local training on `worker`; returns its validated update."""
+    stamp_task_run(worker)
     return session.train(request, timeout)
 
 
@@ -121,6 +145,7 @@ def evaluate_models(
     timeout: float,
 ) -> dict[str, EvalResult]:
     """Score every named model on the evaluator's test set."""
+    stamp_task_run(session.name)
     results = session.evaluate(round, models, groups, timeout)
     get_run_logger().debug("round %d: evaluated %s", round, ", ".join(results))
     return results

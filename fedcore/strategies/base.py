@@ -33,13 +33,16 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import UpdateRejected
 from ..model import Weights
 from ..protocol import Update
+
+if TYPE_CHECKING:  # streaming.py builds on this module
+    from .streaming import Accumulator
 
 __all__ = [
     "ExpectedCounts",
@@ -156,6 +159,14 @@ class Strategy(abc.ABC):
         for u in updates:
             self.check_update(u, global_weights)
         return self.combine(round, global_weights, updates, failures)
+
+    def accumulator(
+        self, round: int, global_weights: Mapping[str, torch.Tensor]
+    ) -> Accumulator | None:
+        """A running aggregate of round `round` that takes updates one at a time as they arrive
+        (fedcore.strategies.streaming), or None: this strategy needs all of a round's updates at
+        once (the robust rules), so the caller holds them and calls `aggregate`."""
+        return None
 
     @abc.abstractmethod
     def combine(

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..model import Weights
 from ..protocol import Update
-from .base import Failure, Strategy, StrategyState, check_state_owner
+from .base import ExpectedCounts, Failure, Strategy, StrategyState, check_state_owner
 from .rules import CombineRule
 from .server_optimizer import (
     ServerOptimizer,
@@ -51,7 +51,8 @@ from .server_optimizer import (
     server_sgd,
     server_yogi,
 )
-from .weighting import Weighting, average
+from .streaming import Accumulator, RunningSum
+from .weighting import Weighting, average, coefficient
 
 REDDI_2021 = "Reddi et al. 2021, Adaptive Federated Optimization (ICLR)"
 
@@ -97,9 +98,21 @@ class FedOpt(Strategy):
             combined = average(self.weighting, updates)
         else:
             combined = self.rule.combine(self.weighting, global_weights, updates)
+        return self.server_step(global_weights, combined)
+
+    def accumulator(
+        self, round: int, global_weights: Mapping[str, torch.Tensor]
+    ) -> Accumulator | None:
+        """A running weighted sum (fedcore.strategies.streaming); None with a robust rule,
+        which needs every update of the round at once."""
+        return None if self.rule is not None else FedOptSum(self, round, global_weights)
+
+    def server_step(self, global_weights: Mapping[str, torch.Tensor], average: Weights) -> Weights:
+        """The next global weights from the round's average: the server optimizer's step, or
+        the average as is."""
         if self.server is None:
-            return combined
-        return self.server.step(dict(global_weights), combined)
+            return average
+        return self.server.step(dict(global_weights), average)
 
     def plan_overrides(self) -> dict[str, Any]:
         return dict(self._plan)
@@ -137,6 +150,29 @@ class FedOpt(Strategy):
         tensors = strip_prefix("server/", state.tensors)
         values = strip_prefix("server/", state.values)
         self.server.load_state_dict(tensors, values)
+
+
+class FedOptSum(Accumulator):
+    """A FedOpt's round as a running weighted sum: `finish` is `combine` without the held updates
+    (the weighted mean, then the server optimizer's step)."""
+
+    def __init__(
+        self, strategy: FedOpt, round: int, global_weights: Mapping[str, torch.Tensor]
+    ) -> None:
+        super().__init__(round, global_weights)
+        self.strategy = strategy
+        self.sum = RunningSum()
+
+    def check(self, update: Update, expected: ExpectedCounts | None) -> None:
+        self.strategy.check_update(update, self.global_weights, expected)
+
+    def fold(self, update: Update) -> None:
+        self.sum.add(update.weights, coefficient(self.strategy.weighting, update))
+
+    def finish(self, failures: Sequence[Failure], order: Sequence[str] = ()) -> Weights:
+        if not self.sum.count:
+            raise ValueError(f"round {self.round}: no updates to aggregate")
+        return self.strategy.server_step(self.global_weights, self.sum.mean())
 
 
 def strip_prefix(prefix: str, items: Mapping[str, Any]) -> dict[str, Any]:

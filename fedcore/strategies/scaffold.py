@@ -49,6 +49,7 @@ from .aggregate import floating_spec, mean_over
 from .base import ExpectedCounts, Failure, Strategy, StrategyState, check_state_owner
 from .fedopt import FedOpt, ServerSGDOptions
 from .server_optimizer import ServerOptimizer
+from .streaming import Accumulator
 from .weighting import Weighting
 
 log = logging.getLogger("fedcore.strategies.scaffold")
@@ -144,27 +145,53 @@ class Scaffold(Strategy):
             raise ValueError(f"round {round}: several updates from one worker: {sorted(names)}")
         spec = floating_spec(dict(global_weights))
         weights = self.model_step.combine(round, global_weights, updates, failures)
+        records = {
+            u.worker: self.next_record(u.worker, u.extras.get(CONTROL_DELTA), spec) for u in updates
+        }
+        self.apply_records(round, records, failures, spec)
+        return weights
 
-        self._population.update(names)
+    def accumulator(
+        self, round: int, global_weights: Mapping[str, torch.Tensor]
+    ) -> Accumulator | None:
+        """The model step's running sum, and each worker's next c_i as its update arrives."""
+        model = self.model_step.accumulator(round, global_weights)
+        return None if model is None else ScaffoldSum(self, model)
+
+    def next_record(
+        self, worker: str, delta: Mapping[str, torch.Tensor] | None, spec: Mapping[str, tuple]
+    ) -> dict[str, torch.Tensor] | None:
+        """`worker`'s c_i after this round's `delta` (None: it lost its control variate)."""
+        if delta is None:
+            return None
+        old = self._records.get(worker)
+        if old is None:
+            old = {k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in spec.items()}
+        return {k: old[k] + delta[k] for k in spec}
+
+    def apply_records(
+        self,
+        round: int,
+        records: Mapping[str, dict[str, torch.Tensor] | None],
+        failures: Sequence[Failure],
+        spec: Mapping[str, tuple],
+    ) -> None:
+        """Each updated worker's c_i (`next_record`; None drops the worker's record), then c."""
+        self._population.update(records)
         self._population.update(f.worker for f in failures)
-        for u in updates:
-            delta = u.extras.get(CONTROL_DELTA)
-            if delta is None:
+        for worker, record in records.items():
+            if record is None:
                 log.warning(
                     "round %d: %s lost its control variate (new process?); dropping its record",
                     round,
-                    u.worker,
+                    worker,
                 )
-                self._records.pop(u.worker, None)
-                self._bases[u.worker] = 0
+                self._records.pop(worker, None)
+                self._bases[worker] = 0
                 continue
-            old = self._records.get(u.worker)
-            if old is None:
-                old = {k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in spec.items()}
-            self._records[u.worker] = {k: old[k] + delta[k] for k in spec}
-            self._bases[u.worker] = round
+            self._records[worker] = record
+            self._bases[worker] = round
         self._c = mean_over(list(self._records.values()), len(self._population), spec)
-        return weights
 
     # -- record and resume -----------------------------------------------------------------
 
@@ -223,6 +250,33 @@ class Scaffold(Strategy):
         self.model_step.load_state_dict(StrategyState(self.name, model_tensors, model_values))
         self._c = c or None
         self._records, self._bases, self._population = records, bases, population
+
+
+class ScaffoldSum(Accumulator):
+    """SCAFFOLD's round as it arrives: the model step's running sum, and each worker's next c_i
+    computed from its delta at once (the delta is then let go); `finish` applies them and c."""
+
+    def __init__(self, strategy: Scaffold, model: Accumulator) -> None:
+        super().__init__(model.round, model.global_weights)
+        self.strategy = strategy
+        self.model = model
+        self.spec = floating_spec(dict(model.global_weights))
+        self.records: dict[str, dict[str, torch.Tensor] | None] = {}
+
+    def check(self, update: Update, expected: ExpectedCounts | None) -> None:
+        self.strategy.check_update(update, self.global_weights, expected)
+
+    def fold(self, update: Update) -> None:
+        self.model.fold(update)
+        delta = update.extras.get(CONTROL_DELTA)
+        self.records[update.worker] = self.strategy.next_record(update.worker, delta, self.spec)
+
+    def finish(self, failures: Sequence[Failure], order: Sequence[str] = ()) -> Weights:
+        weights = self.model.finish(failures, order)
+        rank = {w: i for i, w in enumerate(order)}
+        ordered = dict(sorted(self.records.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+        self.strategy.apply_records(self.round, ordered, failures, self.spec)
+        return weights
 
 
 class ScaffoldConfig(ServerSGDOptions):

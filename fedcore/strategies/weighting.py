@@ -35,6 +35,15 @@ def coefficients(weighting: Weighting, updates: Sequence[Update]) -> list[float]
     raise ValueError(f"unknown weighting {weighting!r}; choose one of {list(WEIGHTINGS)}")
 
 
+def coefficient(weighting: Weighting, update: Update) -> float:
+    """One update's (unnormalised) weight under `weighting`, as `coefficients` gives it.
+
+    Raises:
+        ValueError: an unknown weighting.
+    """
+    return coefficients(weighting, [update])[0]
+
+
 def average(weighting: Weighting, updates: Sequence[Update]) -> Weights:
     """The weighted mean of the updates' models.
 

@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
 from fedcore.evaluation import EvalResult
+from fedcore.protocol import Hello
 from tasks.mlflow_model import SHA_TAG
 
 from .background import LoggingThread
 from .batching import log_batch, metric_entities
+from .lineage import log_devices
 from .links import comparison_note, run_page_url
 from .models import CODE_FACTS, evaluation_facts, log_global_model, register
 from .naming import FEDERATED, REGISTERED_MODEL, eval_metrics, is_federated
@@ -89,6 +91,9 @@ class MlflowTracker:
         self._model_sha: dict[str, str] = {}  # logged model id -> its weights' SHA-256
         self._groups: list[list[int]] = []
         self._code_tags: dict[str, str] = {}
+        # Touched only on the caller's (the flow's) thread: the hellos recorded, by worker.
+        self._hellos: dict[str, Hello] = {}
+        self._description = ""  # the run description's first paragraph (start_run)
 
     @property
     def run_id(self) -> Future[str]:
@@ -101,12 +106,18 @@ class MlflowTracker:
         tags: Mapping[str, str],
         params: Mapping[str, str],
         config: Mapping[str, Any] | None = None,
+        description: str | None = None,
     ) -> None:
         """Open the store, the experiment and a new run (in the background); `config` is
-        logged as `config.json`. A server is health-checked first (`ensure_ready` reports it).
+        logged as `config.json`; `description` is the run's description from the start and
+        stays its first paragraph when the comparison links join it at the first evaluation.
+        A server is health-checked first (`ensure_ready` reports it).
         Prefect's context (flow run URL, deployment) is read here, in the flow's thread, and the
         code version on the logging thread; `tags` win over both."""
         tags = {**context_tags(), **tags}
+        if description:
+            self._description = description
+            tags["mlflow.note.content"] = description
         params = dict(params)
 
         def job(_: Any) -> None:
@@ -226,6 +237,8 @@ class MlflowTracker:
                 self.model_seconds.append(time.perf_counter() - started)
             if first and self.experiment_id is not None:
                 note = comparison_note(self.experiment_id, run_id, list(evaluated))
+                if self._description:
+                    note = f"{self._description}\n\n{note}"
                 client.set_tag(run_id, "mlflow.note.content", note)
 
         self.call(job)
@@ -244,6 +257,16 @@ class MlflowTracker:
         )
         self._model_sha[model_id] = sha
         return model_id
+
+    def log_devices(self, hellos: Mapping[str, Hello], trainers: Collection[str]) -> None:
+        """Record each worker's hello not recorded yet (a restarted worker's new hello is new):
+        its device tags and its shard as a dataset input (`tasks/tracking/lineage.py`)."""
+        new = {w: h for w, h in hellos.items() if self._hellos.get(w) != h}
+        if not new:
+            return
+        self._hellos.update(new)
+        names = frozenset(trainers)
+        self.call(lambda client, run_id: log_devices(client, run_id, new, names))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Attach file `path` under folder `artifact_path` of the run."""

@@ -68,7 +68,9 @@ def round_metrics(updates: Sequence[Update], failures: Sequence[Failure]) -> dic
 
     Returns:
         `<quantity>/<worker>` (loss, samples, seconds, wire bytes both ways and of them the
-        request's, coordinator -> worker, failed 0/1) plus round totals.
+        request's, coordinator -> worker, failed 0/1), the device's facts after the round as
+        `device/<worker>/<fact>` (`rss_mb`, `rss_peak_mb`, `cuda_max_mb`, `temp_c`: only those
+        the device reported) plus round totals.
     """
     out: dict[str, float] = {}
     for u in updates:
@@ -78,6 +80,8 @@ def round_metrics(updates: Sequence[Update], failures: Sequence[Failure]) -> dic
         out[f"wire_bytes/{u.worker}"] = u.wire_bytes
         out[f"wire_bytes_down/{u.worker}"] = u.wire_bytes_down
         out[f"failed/{u.worker}"] = 0
+        for fact, value in sorted(u.device.items()):
+            out[f"device/{u.worker}/{fact}"] = value
     for f in failures:
         out[f"failed/{f.worker}"] = 1
     out["workers_ok"] = len(updates)

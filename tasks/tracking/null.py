@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedcore.evaluation import EvalResult
+from fedcore.protocol import Hello
 
 
 class NullTracker:
@@ -22,6 +23,7 @@ class NullTracker:
         tags: Mapping[str, str],
         params: Mapping[str, str],
         config: Mapping[str, Any] | None = None,
+        description: str | None = None,
     ) -> None: ...
 
     def resume_run(self, run_id: str, round: int, metrics: Mapping[str, float]) -> None: ...
@@ -37,6 +39,8 @@ class NullTracker:
         groups: Sequence[Sequence[int]],
         model_path: Path | None = None,
     ) -> None: ...
+
+    def log_devices(self, hellos: Mapping[str, Hello], trainers: Collection[str]) -> None: ...
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
 

@@ -7,12 +7,13 @@ so the flow never asks which one it holds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from fedcore.config import TrackingConfig
 from fedcore.evaluation import EvalResult
+from fedcore.protocol import Hello
 
 from .mlflow_tracker import MlflowTracker
 from .null import NullTracker
@@ -33,8 +34,10 @@ class Tracker(Protocol):
         tags: Mapping[str, str],
         params: Mapping[str, str],
         config: Mapping[str, Any] | None = None,
+        description: str | None = None,
     ) -> None:
-        """Open a new run named `run_name` with `tags` and `params`; `config` as a document."""
+        """Open a new run named `run_name` with `tags` and `params`; `config` as a document;
+        `description` (markdown: e.g. the privacy guarantee) opens the run's description."""
         ...
 
     def resume_run(self, run_id: str, round: int, metrics: Mapping[str, float]) -> None:
@@ -61,6 +64,11 @@ class Tracker(Protocol):
         model_path: Path | None = None,
     ) -> None:
         """Record round `rnd`'s evaluation, and the federated model at `model_path` with it."""
+        ...
+
+    def log_devices(self, hellos: Mapping[str, Hello], trainers: Collection[str]) -> None:
+        """Record each worker's hello (device tags, its shard as a dataset input: `training`
+        for the names in `trainers`, else `evaluation`); a hello already recorded is skipped."""
         ...
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:

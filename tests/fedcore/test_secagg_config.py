@@ -1,6 +1,6 @@
 """The `secure_aggregation:` and `privacy:` sections and their composition rules, on the real
-ExperimentConfig (its two fields and `check_composition` in its validator), and what loading a
-config file refuses while secure aggregation is not in the round loop."""
+ExperimentConfig (its two fields and `check_composition` in its validator), and loading the
+recipes with secure aggregation on."""
 
 from __future__ import annotations
 
@@ -127,33 +127,19 @@ def test_the_rounds_setup_follows_the_config() -> None:
     assert float(mean["fc1.weight"].mean()) == pytest.approx(0.002, abs=1e-8)
 
 
-def test_loading_refuses_secure_aggregation_until_the_round_loop_runs_it() -> None:
-    with pytest.raises(ConfigError) as err:
-        load_config(ROOT / "configs/seed.yaml", {"secure_aggregation.enabled": True})
-    text = str(err.value)
-    assert "configs/seed.yaml: secure_aggregation is not available in this version:" in text
-    assert "would see every single update" in text and "set enabled: false" in text
-    with pytest.raises(ConfigError, match="secure_aggregation is not available"):
-        parse_config({"workers": WORKERS, "secure_aggregation": SECAGG})
-    # a section that is off is accepted, as is privacy
-    off = load_config(ROOT / "configs/seed.yaml", {"secure_aggregation.enabled": False})
-    assert not off.secure_aggregation.enabled
-    assert load_config(ROOT / "configs/best.yaml", {"privacy.enabled": True}).privacy.enabled
-
-
-def test_unavailability_is_reported_before_any_other_error() -> None:
-    # the seed config scores each worker's model, which composes with secure aggregation no
-    # better; the user learns first that fixing that would not help
-    with pytest.raises(ConfigError, match="not available in this version") as err:
-        parse_config(
-            {
-                "workers": WORKERS,
-                "secure_aggregation": SECAGG,
-                "strategy": {"name": "median", "weighting": "unweighted"},
-                "rounds": 0,
-            }
+def test_loading_a_recipe_with_secure_aggregation() -> None:
+    # the seed's and the best recipe score each worker's model, which secure aggregation never
+    # shows: the file's explicit `workers: true` is refused with the fix, and accepted once off
+    for recipe in ("seed", "best"):
+        with pytest.raises(ConfigError, match="scores each worker's own model"):
+            load_config(ROOT / f"configs/{recipe}.yaml", {"secure_aggregation.enabled": True})
+        on = load_config(
+            ROOT / f"configs/{recipe}.yaml",
+            {"secure_aggregation.enabled": True, "evaluation.workers": False},
         )
-    assert "mutually exclusive" not in str(err.value)
+        assert on.secure_aggregation.enabled and not evaluates_workers(on)
+    assert parse_config({"workers": WORKERS, "secure_aggregation": SECAGG}).secure_aggregation
+    assert load_config(ROOT / "configs/best.yaml", {"privacy.enabled": True}).privacy.enabled
 
 
 def test_privacy_needs_the_sync_schedule_in_this_version() -> None:

@@ -106,3 +106,13 @@ def test_a_spent_budget_stops_the_training_with_the_last_model(
     point = load_resume_point(run_dir)
     assert point.round == 1
     assert all(point.metrics[f"epsilon/{n}"] <= budget for n in ("alice", "bob", "charlie"))
+
+
+def test_the_run_description_states_the_guarantee(mnist_dir: Path) -> None:
+    from flows.federated import guarantees
+
+    sets = {"data_dir": str(mnist_dir), "privacy.enabled": True, "privacy.noise_multiplier": 1.1}
+    text = guarantees(load_config(ROOT / "configs" / "smoke.yaml", sets))
+    assert text is not None and text.startswith("**Privacy.** Example-level")
+    assert "per device" in text and "dp-accounting" in text and "1.1" in text
+    assert guarantees(load_config(ROOT / "configs" / "smoke.yaml", {})) is None

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import ROOT
 
+import flows.round_record as round_record
 import flows.rounds as rounds
 from fedcore.config import load_config
 from fedcore.errors import QuorumNotReached
@@ -24,7 +25,8 @@ from fedcore.training import TrainMetrics
 
 @pytest.fixture(autouse=True)
 def plain_logger(monkeypatch) -> None:
-    monkeypatch.setattr(rounds, "get_run_logger", lambda: logging.getLogger("test.rounds"))
+    for module in (rounds, round_record):
+        monkeypatch.setattr(module, "get_run_logger", lambda: logging.getLogger("test.rounds"))
 
 
 def _ctx(tmp_path: Path, tracker: Any = None, artifacts: Any = None, **overrides: Any):

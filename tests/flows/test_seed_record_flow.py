@@ -7,8 +7,11 @@ new MLflow SQLite store) in a fresh process and compares what it printed and wha
 
 Compared: every line the flow printed about the data, the rounds, the evaluations and the final
 accuracy (a round's duration masked), every MLflow metric's full history except the wall-clock
-ones (`*seconds*`), every param except the data folder (and the config hash, which covers it),
-the run's tag names, its artifact files and how many logged models it holds.
+ones (`*seconds*`) and the devices' own measurements (`device/<worker>/*`: memory and
+temperature, whose values no two runs share; their names are compared), every param except the
+data folder (and the config hash, which covers it), the run's tag names, its dataset inputs
+(each shard's name, label digest and context), its artifact files and how many logged models it
+holds.
 
 To record the file again from a run (only when a change is meant to alter the record):
 
@@ -66,8 +69,12 @@ def mlflow_record(home: Path, run_id: str) -> dict[str, Any]:
     metrics = {
         key: sorted([m.step, m.value] for m in client.get_metric_history(run_id, key))
         for key in sorted(run.data.metrics)
-        if "seconds" not in key
+        if "seconds" not in key and not key.startswith("device/")
     }
+    inputs = sorted(
+        [i.dataset.name, i.dataset.digest, *sorted(t.value for t in i.tags)]
+        for i in (run.inputs.dataset_inputs if run.inputs is not None else [])
+    )
 
     def files(folder: str | None) -> list[str]:
         out: list[str] = []
@@ -80,6 +87,8 @@ def mlflow_record(home: Path, run_id: str) -> dict[str, Any]:
         "metrics": metrics,
         "params": {k: v for k, v in sorted(run.data.params.items()) if k not in UNRECORDED_PARAMS},
         "tags": sorted(run.data.tags),
+        "device_metrics": sorted(k for k in run.data.metrics if k.startswith("device/")),
+        "inputs": inputs,
         "artifacts": files(None),
         "logged_models": len(models),
         "status": run.info.status,

@@ -38,9 +38,17 @@ def test_disabled_tracking_is_a_null_tracker() -> None:
     assert tracker.close() == [] and tracker.run_url("http://x") is None
 
 
-def _train(tracker: MlflowTracker, tmp: Path, name: str, correct: list[list[int]]) -> str:
+def _train(
+    tracker: MlflowTracker,
+    tmp: Path,
+    name: str,
+    correct: list[list[int]],
+    description: str | None = None,
+) -> str:
     """Fake training: one evaluation per entry of `correct` (federated model's per-digit hits)."""
-    tracker.start_run(name, {"strategy": "mean"}, {"rounds": str(len(correct))}, {"rounds": 3})
+    tracker.start_run(
+        name, {"strategy": "mean"}, {"rounds": str(len(correct))}, {"rounds": 3}, description
+    )
     run_id = tracker.ensure_ready(timeout=120)
     for rnd, hits in enumerate(correct, start=1):
         path = save_weights(
@@ -68,12 +76,15 @@ def test_tracker_logs_links_registers_and_moves_aliases(tmp_path: Path, monkeypa
     store = tmp_path / "store"
     uri = f"sqlite:///{store / 'mlflow.db'}"
     first = [[5] * 10, [7] * 10, [6] * 10]  # accuracies 0.5, 0.7, 0.6
-    run_id = _train(MlflowTracker(uri, "exp"), tmp_path, "one", first)
+    promise = "**Privacy.** Example-level differential privacy, per device"
+    run_id = _train(MlflowTracker(uri, "exp"), tmp_path, "one", first, promise)
     client = MlflowClient(uri, registry_uri=uri)
 
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["rounds"] == "3"
-    assert "accuracy/alice" in run.data.tags["mlflow.note.content"].replace("%2F", "/")
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith(promise + "\n\n")  # the guarantee first, the chart links after
+    assert "accuracy/alice" in note.replace("%2F", "/")
     acc = client.get_metric_history(run_id, "accuracy/federated")
     assert sorted((m.step, m.value) for m in acc) == [(1, 0.5), (2, 0.7), (3, 0.6)]
     arts = {a.path for a in client.list_artifacts(run_id)}

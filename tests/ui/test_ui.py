@@ -2,14 +2,18 @@
 headless Chromium against real servers (tests/ui/uikit.py starts them and trains), and the
 registry's meaning checked through MlflowClient on the same MLflow server.
 
-Every wait is a condition on the page (a text or an element present), never a fixed time. Each
-check saves a screenshot (the folder is printed); a failed one also saves the page's text beside
-it. Two of them illustrate the README (docs/img/).
+Every wait is a condition on the page (a text, or the plotted lines of a chart), never a fixed
+time. Each check saves a screenshot (the folder is printed); a failed one also saves the page's
+text beside it. Two of them illustrate the README (docs/img/). One training serves every check,
+and each page is loaded once: the accuracy chart stands for the run's metrics, one task run's
+page for the per-worker task runs (it also shows its worker's own log lines). The device lineage
+and a worker's log lines on its task run are read through the MLflow and Prefect clients.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,9 +39,11 @@ def _show(
     shot: Path,
     absent: tuple[str, ...] = (),
     before: Callable[[Any], None] | None = None,
+    drawn: Callable[[Any], bool] | None = None,
 ) -> str:
-    """Open `url`, wait until the page's text holds every one of `texts`, save a screenshot to
-    `shot`; returns the page's text. `before` acts on the page (a click) before the wait."""
+    """Open `url`, wait until the page's text holds every one of `texts` (and `drawn(browser)`
+    holds, when given), save a screenshot to `shot`; returns the page's text. `before` acts on
+    the page (a click) before the wait."""
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -50,17 +56,29 @@ def _show(
     try:
         if before is not None:
             before(browser)
-        WebDriverWait(browser, PAGE_TIMEOUT).until(lambda _: all(t in body() for t in texts))
+        WebDriverWait(browser, PAGE_TIMEOUT, poll_frequency=0.2).until(
+            lambda _: all(t in body() for t in texts) and (drawn is None or drawn(browser))
+        )
     except TimeoutException:
         browser.save_screenshot(str(shot.with_suffix(".failed.png")))
         shot.with_suffix(".failed.txt").write_text(body())
-        missing = [t for t in texts if t not in body()]
+        missing = [t for t in texts if t not in body()] or ["the drawing it waits for"]
         pytest.fail(f"{url}: no {missing} after {PAGE_TIMEOUT:g}s (page text: {shot}.failed.txt)")
     browser.save_screenshot(str(shot))
     text = body()
     for t in absent:
         assert t not in text, f"{url} shows {t!r}"
     return text
+
+
+def _lines_drawn(count: int) -> Callable[[Any], bool]:
+    """Whether the page's plotly charts hold `count` drawn lines (MLflow draws its metric charts
+    with plotly; until the data arrives a chart shows a spinner and no line)."""
+    script = (
+        "return Array.from(document.querySelectorAll('.js-plotly-plot .scatterlayer path.js-line'))"
+        ".filter(p => (p.getAttribute('d') || '').length > 10).length"
+    )
+    return lambda driver: int(driver.execute_script(script) or 0) >= count
 
 
 # --- the registry, through MlflowClient -------------------------------------------------------
@@ -115,12 +133,44 @@ def test_mlflow_run_charts_accuracy_of_the_federated_model_and_each_worker(
 ) -> None:
     keys = [f"accuracy/{m}" for m in ("federated", *WORKERS)]
     url = f"{trained.mlflow}/{metric_chart_url(trained.experiment_id, trained.run_id, keys)}"
-    _show(browser, url, keys, screenshots / "mlflow-accuracy-chart.png")
-    run_page = (
-        f"{trained.mlflow}/#/experiments/{trained.experiment_id}/runs/{trained.run_id}"
-        "/model-metrics"
+    _show(
+        browser, url, keys, screenshots / "mlflow-accuracy-chart.png", drawn=_lines_drawn(len(keys))
     )
-    _show(browser, run_page, keys, screenshots / "mlflow-model-metrics.png")
+
+
+def test_mlflow_run_records_each_devices_lineage(trained: Trained) -> None:  # noqa: F811
+    """Each worker's hello as `device.<worker>.*` tags, its memory after every round as
+    `device/<worker>/rss_mb`, its shard as a dataset input digested from its label counts."""
+    from tasks.tracking.lineage import label_digest
+
+    client = trained.client
+    run = client.get_run(trained.run_id)
+    hellos = {line["worker"]: line for line in _devices(trained)}
+    assert sorted(hellos) == sorted([*WORKERS, "testing"])
+    for worker, hello in hellos.items():
+        tags = {
+            k.split(".", 2)[2]: v
+            for k, v in run.data.tags.items()
+            if k.startswith(f"device.{worker}.")
+        }
+        assert tags["python"] == hello["python"] and tags["torch"] == hello["torch"]
+        assert tags["device"] == "cpu" and tags["torch_func"] == "yes"
+        assert tags["cryptography"] == hello["facts"]["cryptography"]
+    for worker in WORKERS:
+        history = client.get_metric_history(trained.run_id, f"device/{worker}/rss_mb")
+        assert sorted(m.step for m in history) == list(range(1, ROUNDS + 1))
+        assert all(m.value > 50 for m in history)
+    inputs = {i.dataset.name: i.dataset for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == sorted(f"mnist-{w}" for w in hellos)
+    for worker, hello in hellos.items():
+        counts = {int(k): v for k, v in hello["label_counts"].items()}
+        assert inputs[f"mnist-{worker}"].digest == label_digest(counts)
+
+
+def _devices(done: Trained) -> list[dict[str, Any]]:
+    from fedcore import timeline
+
+    return timeline.read(Path(done.summary["checkpoint_dir"]), timeline.DEVICES_FILE)
 
 
 def test_mlflow_registered_model_shows_current_and_champion(
@@ -159,22 +209,15 @@ def test_prefect_flow_run_shows_per_worker_task_runs_and_the_evaluation_table(
     # headless Chromium): the flow run page (its graph), each task run's and the artifact's own
     # pages are what a person reaches from it.
     _show(browser, page, ["Completed", "20 Task runs"], screenshots / "prefect-flow-run.png")
-    import httpx
-
-    runs = httpx.post(
-        f"{trained.prefect_api}/task_runs/filter",
-        json={"flow_runs": {"id": {"any_": [trained.flow_run_id]}}},
-        timeout=30,
-    ).json()
-    ids = {t["name"]: t["id"] for t in runs}
+    ids = _task_run_ids(trained)
     assert set(tasks) <= set(ids)
-    for name in (tasks[0], tasks[-1]):
-        _show(
-            browser,
-            f"{trained.prefect_ui}/runs/task-run/{ids[name]}",
-            [name, "Completed"],
-            screenshots / f"prefect-{name}.png",
-        )
+    # One task run's page: its name, its state and the worker's own line of that round.
+    _show(
+        browser,
+        f"{trained.prefect_ui}/runs/task-run/{ids[tasks[0]]}",
+        [tasks[0], "Completed", "[alice] round 1: 2 steps"],
+        screenshots / f"prefect-{tasks[0]}.png",
+    )
     key = f"smoke-evaluation-r{ROUNDS:03d}"
     _show(
         browser,
@@ -182,6 +225,43 @@ def test_prefect_flow_run_shows_per_worker_task_runs_and_the_evaluation_table(
         [key, f"evaluation at round {ROUNDS} of {ROUNDS}"],  # the table itself renders below
         screenshots / "prefect-evaluation-table.png",
     )
+
+
+def _task_run_ids(done: Trained) -> dict[str, str]:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with SyncPrefectClient(done.prefect_api) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(done.flow_run_id)]))
+        )
+    return {t.name: str(t.id) for t in runs}
+
+
+def test_a_workers_log_lines_are_on_the_task_run_they_belong_to(trained: Trained) -> None:  # noqa: F811
+    """What alice logged while training round r is in `train-alice-rNN`'s logs (and in no other
+    task run's); what the evaluator logged while scoring round r is in `evaluate-rNN`'s."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    ids = _task_run_ids(trained)
+    with SyncPrefectClient(trained.prefect_api) as client:
+
+        def messages(task: str) -> list[str]:
+            logs = client.read_logs(
+                LogFilter(task_run_id=LogFilterTaskRunId(any_=[uuid.UUID(ids[task])]))
+            )
+            return [log.message for log in logs]
+
+        for rnd in range(1, ROUNDS + 1):
+            for worker in WORKERS:
+                own = [m for m in messages(f"train-{worker}-r{rnd:02d}") if m.startswith("[")]
+                assert any(m.startswith(f"[{worker}] round {rnd}: 2 steps") for m in own), own
+                assert all(m.startswith(f"[{worker}] ") for m in own), own
+            scored = messages(f"evaluate-r{rnd:02d}")
+            assert any(m.startswith(f"[testing] round {rnd}: evaluated") for m in scored)
+        started = messages("start-alice")
+        assert any(m.startswith("[alice] alice holds 24754 images") for m in started), started
 
 
 # --- last: it adds a version the screenshots above should not show ----------------------------

@@ -70,12 +70,17 @@ class Service:
 
         wait_until(healthy, timeout, f"{what} healthy", lambda: self.log.read_text()[-3000:])
 
+    def terminate(self) -> None:
+        """Ask the server's process group to stop (`stop` waits for it)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+
     def stop(self) -> None:
+        self.terminate()
         if self.proc.poll() is not None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
         try:
-            self.proc.wait(20)
+            self.proc.wait(5)  # a throwaway server: a short grace, then SIGKILL
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
@@ -212,6 +217,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Iterat
             client=client,
         )
     finally:
+        for service in (mlflow, prefect):  # both wind down at once
+            service.terminate()
         mlflow.stop()
         prefect.stop()
 
@@ -233,6 +240,8 @@ def browser() -> Iterator[Any]:
         "--disable-gpu",
     ):
         options.add_argument(arg)
+    # Every check waits on its own condition: no need to wait for a page's last image as well.
+    options.page_load_strategy = "eager"
     browser = webdriver.Chrome(service=webdriver.ChromeService(driver), options=options)
     try:
         yield browser

@@ -35,7 +35,9 @@ WORKER_MODULES = (
     "local_algorithms",
     "cpu_limit",
     "pacing",
+    "device_facts",
     "worker",
+    "secagg_worker",
     # secure aggregation and DP-SGD, device side (imported by worker.py once wired)
     "privacy.__init__",
     "privacy.errors",
