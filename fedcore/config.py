@@ -200,7 +200,8 @@ class ScreeningConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    """Where the MLflow record goes (default: the SQLite store under FEDMNIST_HOME)."""
+    """Where the MLflow record goes (default: the SQLite store under FEDMNIST_HOME), and how
+    much of a round Prefect's UI shows."""
 
     enabled: bool = True  # false: train without an MLflow record (benchmarks, quick checks)
     uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///$FEDMNIST_HOME/mlflow.db
@@ -211,6 +212,11 @@ class TrackingConfig(Strict):
     # Evaluated global models become versions of this registered model (aliases `current` and
     # `champion`); null: log them without registering.
     registered_model: Name | None = "federated-mnist-cnn"
+    # A round shows one Prefect task run per trainer (`train-<worker>-rNN`) up to this many
+    # trainers; a larger fleet's round trains in one `train-rNN` task run, its workers' lines in
+    # that run's log (per-worker figures stay in MLflow): tens of task runs a round cost more
+    # than a small worker-round and say less in the UI than the round's own lines.
+    worker_tasks_up_to: Annotated[int, Field(ge=0)] = 10
 
 
 class ExperimentConfig(Strict):
@@ -320,6 +326,8 @@ class ExperimentConfig(Strict):
             del data["secure_aggregation"]
         if self.privacy == PrivacyConfig():
             del data["privacy"]
+        if self.tracking.worker_tasks_up_to == TrackingConfig().worker_tasks_up_to:
+            del data["tracking"]["worker_tasks_up_to"]  # the same way: what Prefect shows
         if data["tracking"].get("uri"):
             data["tracking"]["uri"] = redact_uri(data["tracking"]["uri"])
         return data

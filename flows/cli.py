@@ -172,11 +172,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     _setup_env(args)
-    from flows.federated import federated_mnist
-    from flows.progress import showing_progress
+    from flows.launch import prestarted
 
-    with showing_progress(verbose=args.verbose):
-        state = federated_mnist(**flow_arguments(args.config, overrides, cfg), return_state=True)
+    with prestarted(cfg):  # the local workers start while Prefect is imported and started
+        from flows.federated import federated_mnist
+        from flows.progress import showing_progress
+
+        with showing_progress(verbose=args.verbose):
+            state = federated_mnist(
+                **flow_arguments(args.config, overrides, cfg), return_state=True
+            )
     return _finish(state, args)
 
 
@@ -192,12 +197,29 @@ def _resume(args: argparse.Namespace) -> int:
         return 2
     print(f"resuming {point.run_dir.name} after round {point.round}")
     _setup_env(args)
-    from flows.federated import federated_mnist
-    from flows.progress import showing_progress
+    from flows.launch import prestarted
 
-    with showing_progress(verbose=args.verbose):
-        state = federated_mnist(rounds=args.rounds, resume=str(point.run_dir), return_state=True)
+    with prestarted(resumed_config(point)):
+        from flows.federated import federated_mnist
+        from flows.progress import showing_progress
+
+        with showing_progress(verbose=args.verbose):
+            state = federated_mnist(
+                rounds=args.rounds, resume=str(point.run_dir), return_state=True
+            )
     return _finish(state, args)
+
+
+def resumed_config(point: Any) -> Any:
+    """The config of the training `point` resumes; None when it no longer parses (the flow
+    says why)."""
+    from fedcore.config import parse_config
+    from fedcore.errors import FedError
+
+    try:
+        return parse_config(dict(point.config), f"resumed {point.run_dir}")
+    except FedError:
+        return None
 
 
 def _finish(state: Any, args: argparse.Namespace) -> int:

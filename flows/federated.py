@@ -20,15 +20,12 @@ from pydantic import Field
 import fedcore
 from fedcore import report
 from fedcore.config import ExperimentConfig, WorkerConfig, fedmnist_home, load_config, parse_config
-from fedcore.errors import ConfigError, DataError, FedError
+from fedcore.errors import ConfigError, FedError
 from fedcore.privacy.budget import PrivacyBudget
 from fedcore.protocol import Hello
 from fedcore.resume import ResumePoint, find_run_dir, load_resume_point
-from fedcore.session import WorkerSession
 from fedcore.strategies import Strategy, build_strategy
-from fedcore.transport.base import Transport, WorkerLaunch
-from fedcore.transport.local import LocalTransport
-from fedcore.transport.ssh import SSHTransport
+from flows.launch import make_session
 from flows.parameters import (
     ConfigPath,
     DataDir,
@@ -53,49 +50,6 @@ from tasks.workers import start_worker, stop_workers
 # seed update took 4x longer with two threads than with one (benchmarks/fleet_overhead.py,
 # docs/ARCHITECTURE.md, Decisions 9). The aggregates are the same bit for bit.
 COORDINATOR_THREADS = 1
-
-
-def make_transport(worker: WorkerConfig) -> Transport:
-    """The transport a worker's config names."""
-    if worker.transport == "ssh":
-        assert worker.ssh is not None  # the config validator guarantees it
-        return SSHTransport(worker.ssh, worker.name)
-    return LocalTransport(worker.python)
-
-
-def make_session(cfg: ExperimentConfig, worker: WorkerConfig) -> WorkerSession:
-    """A (not yet started) session with `worker`.
-
-    Raises:
-        DataError: a local worker's data directory does not exist.
-    """
-    if worker.transport == "ssh":  # a path on the device; the ssh section's data_dir otherwise
-        launch = WorkerLaunch(
-            worker.name,
-            worker.data_dir or "",
-            worker.shard(),
-            worker.threads,
-            worker.device,
-            worker.slowdown,
-            worker.step_seconds,
-        )
-        return WorkerSession(launch, make_transport(worker))
-    data_dir = cfg.data_dir_for(worker)
-    if not data_dir.is_dir():
-        raise DataError(
-            f"worker {worker.name}: data directory {data_dir} does not exist; prepare MNIST with "
-            f"`fedmnist data --dir {data_dir}` or set data_dir in the config"
-        )
-    launch = WorkerLaunch(
-        worker.name,
-        str(data_dir),
-        worker.shard(),
-        worker.threads,
-        worker.device,
-        worker.slowdown,
-        worker.step_seconds,
-    )
-    return WorkerSession(launch, make_transport(worker))
 
 
 def run_dir_for(cfg: ExperimentConfig, run_key: str) -> Path:

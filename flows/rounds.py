@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -31,12 +32,12 @@ from typing import Any, TypeVar, cast
 
 import torch
 from prefect import get_run_logger
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from prefect.utilities.annotations import quote
 
 from fedcore import report
 from fedcore.config import ExperimentConfig
-from fedcore.errors import QuorumNotReached, UpdateRejected, cause_of
+from fedcore.errors import QuorumNotReached, UpdateRejected, WorkerFailed, cause_of
 from fedcore.evaluation import EvalResult
 from fedcore.model import initial_weights, num_parameters
 from fedcore.privacy.budget import PrivacyBudget
@@ -52,10 +53,12 @@ from flows.round_record import record_round
 from tasks.aggregation import aggregate, finish_aggregate
 from tasks.artifacts import RunArtifacts
 from tasks.tracking import Tracker
-from tasks.workers import evaluate_models, train_on_worker
+from tasks.workers import evaluate_models, train_fleet, train_on_worker
 
 Weights = dict[str, torch.Tensor]
 T = TypeVar("T")
+# A worker's training: its own task's future, or its answer within a fleet's round task
+TrainingFuture = PrefectFuture[Update] | Future[Update]
 MNIST_SPLIT_SIZES = {"train": 60000, "test": 10000}  # no shard holds more than its split
 
 
@@ -327,9 +330,11 @@ def train_once(
 
 def submit_training(
     ctx: RunContext, rnd: int, plan: TrainPlan, weights: Weights
-) -> dict[str, PrefectFuture[Update]]:
-    """Round `rnd`'s `train-<worker>-rNN` task of every trainer (of every device still within
-    its privacy budget, which is charged), by worker."""
+) -> dict[str, TrainingFuture]:
+    """Round `rnd`'s training of every trainer (of every device still within its privacy
+    budget, which is charged), by worker: a `train-<worker>-rNN` task each, or, past
+    `tracking.worker_tasks_up_to` trainers, one `train-rNN` task for them all
+    (tasks/workers.py `train_fleet`), each worker's answer its own future either way."""
     cfg = ctx.cfg
     names = ctx.trainers
     if ctx.privacy is not None:  # only devices whose next round stays within their budget
@@ -342,28 +347,52 @@ def submit_training(
                 ctx.privacy.epsilon(name),
                 cfg.privacy.target_epsilon,
             )
-    futures = {
-        name: train_on_worker.submit(
-            ctx.sessions[name],
-            name,
-            rnd,
-            # unwalked: Prefect would otherwise walk the request's tensors for futures
-            unwalked(
-                TrainRequest(
-                    rnd,
-                    plan,
-                    derive_seed(cfg.seed, name, rnd),
-                    weights,
-                    ctx.strategy.extras_for(name, rnd),
-                )
-            ),
-            cfg.timeouts.train,
+    requests = {
+        name: TrainRequest(
+            rnd, plan, derive_seed(cfg.seed, name, rnd), weights, ctx.strategy.extras_for(name, rnd)
         )
         for name in names
     }
+    futures: dict[str, TrainingFuture]
+    if len(requests) > cfg.tracking.worker_tasks_up_to:
+        futures = submit_fleet_training(ctx, rnd, requests)
+    else:
+        futures = {
+            # unwalked: Prefect would otherwise walk the request's tensors for futures
+            name: train_on_worker.submit(
+                ctx.sessions[name], name, rnd, unwalked(request), cfg.timeouts.train
+            )
+            for name, request in requests.items()
+        }
     if ctx.privacy is not None:  # asked to train: its budget is spent, answer or not
         ctx.privacy.charge(plan, list(futures), ctx.example_counts())
     return futures
+
+
+def submit_fleet_training(
+    ctx: RunContext, rnd: int, requests: Mapping[str, TrainRequest]
+) -> dict[str, TrainingFuture]:
+    """One `train-rNN` task for every request; a future per worker, answered as its update
+    arrives. Should the task end without answering one (it failed before starting them), that
+    worker's future fails, so no one waits on it forever."""
+    answers: dict[str, Future[Update]] = {name: Future() for name in requests}
+    calls = {name: (ctx.sessions[name], request) for name, request in requests.items()}
+    group = train_fleet.submit(rnd, unwalked(calls), ctx.cfg.timeouts.train, unwalked(answers))
+
+    def unanswered(_: object) -> None:
+        for name, answer in answers.items():
+            try:
+                answer.set_exception(
+                    WorkerFailed(name, f"round {rnd}'s training task ended without its answer")
+                )
+            except InvalidStateError:
+                pass  # answered
+
+    if isinstance(group, PrefectConcurrentFuture):
+        group.wrapped_future.add_done_callback(unanswered)
+    else:
+        group.add_done_callback(unanswered)
+    return dict(answers)
 
 
 def check_quorum(ctx: RunContext, rnd: int, valid: int, failures: Sequence[Failure]) -> None:
@@ -380,7 +409,7 @@ def collect_update(
     ctx: RunContext,
     rnd: int,
     name: str,
-    future: PrefectFuture[Update],
+    future: TrainingFuture,
     weights: Weights,
     expected: ExpectedCounts | None = None,
 ) -> Update | Failure:
@@ -404,12 +433,18 @@ def unwalked(value: T) -> T:
     return cast(T, quote(value))
 
 
-def task_outcome(rnd: int, name: str, future: PrefectFuture[Update]) -> Update | Failure:
-    """Wait for worker `name`'s training task: its update, or the failure (logged)."""
-    future.wait()
-    if future.state.is_completed():
-        return future.result()
-    error = future.state.result(raise_on_failure=False)
+def task_outcome(rnd: int, name: str, future: TrainingFuture) -> Update | Failure:
+    """Wait for worker `name`'s training: its update, or the failure (logged)."""
+    if isinstance(future, Future):  # one worker's answer in a fleet's `train-rNN` task
+        try:
+            return future.result()
+        except Exception as exc:  # noqa: BLE001 - every error is this worker's failure
+            error: object = exc
+    else:
+        future.wait()
+        if future.state.is_completed():
+            return future.result()
+        error = future.state.result(raise_on_failure=False)
     cause = cause_of(error)
     get_run_logger().warning("Round %d: %s dropped (%s): %s", rnd, name, cause, error)
     return Failure(name, rnd, cause, str(error))

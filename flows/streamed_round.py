@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from typing import Any
 
 import torch
-from prefect.futures import PrefectConcurrentFuture, PrefectFuture
+from prefect.futures import PrefectConcurrentFuture
 
 from fedcore.errors import UpdateRejected
 from fedcore.protocol import Update
@@ -24,6 +25,7 @@ from fedcore.strategies.streaming import Accumulator
 from fedcore.training import TrainPlan
 from flows.rounds import (
     RunContext,
+    TrainingFuture,
     check_quorum,
     rejection,
     submit_training,
@@ -84,15 +86,16 @@ def train_streamed(
     return sorted(kept.values(), key=lambda u: order.get(u.worker, len(order))), failures, folded
 
 
-def arrivals(futures: Mapping[str, PrefectFuture[Update]]) -> Iterator[str]:
-    """The names of `futures` as their tasks finish (a future of another task runner than the
-    thread pool's: in the given order). Holds no finished future, so an update is let go as
+def arrivals(futures: Mapping[str, TrainingFuture]) -> Iterator[str]:
+    """The names of `futures` as their trainings finish (a future of another task runner than
+    the thread pool's: in the given order). Holds no finished future, so an update is let go as
     soon as its caller has folded it."""
-    pending = {
-        f.wrapped_future: name
-        for name, f in futures.items()
-        if isinstance(f, PrefectConcurrentFuture)
-    }
+    pending: dict[Future[Any], str] = {}
+    for name, f in futures.items():
+        if isinstance(f, Future):  # an answer within a fleet's round task
+            pending[f] = name
+        elif isinstance(f, PrefectConcurrentFuture):
+            pending[f.wrapped_future] = name
     if len(pending) < len(futures):
         yield from list(futures)
         return

@@ -20,9 +20,10 @@ may reach the reader thread after the reply has ended the task, and belongs to i
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from fedcore.errors import FedError
 from fedcore.evaluation import EvalResult
 from fedcore.protocol import Hello, TrainRequest, Update
 from fedcore.session import WorkerSession
+from tasks.worker_logs import release_worker_logs, worker_logger
 
 
 def is_transient(task: Task[..., Any], task_run: TaskRun | None, state: State) -> bool:
@@ -73,17 +75,22 @@ class FlowRunStamp(logging.Filter):
 def stamp_task_run(worker: str) -> None:
     """Make the current task run the one `worker`'s log lines belong to from now on (until the
     next task talking to it); outside a task run, or before `forward_worker_logs`, nothing."""
-    run_id = task_run.get_id()
+    stamp_worker_logs(worker, task_run.get_id())
+
+
+def stamp_worker_logs(worker: str, run_id: Any) -> None:
+    """`stamp_task_run` for task run `run_id`, from any thread (None: nothing)."""
     if not run_id:
         return
-    logger = logging.getLogger(f"fedcore.worker.{worker}")
+    logger = worker_logger(worker)
     for stamp in [f for f in logger.filters if isinstance(f, FlowRunStamp)]:
         stamp.task_run_id = uuid.UUID(str(run_id))
 
 
 def forward_worker_logs(worker: str) -> None:
-    """Send `fedcore.worker.<worker>` records (INFO and up) to the current flow run's logs."""
-    logger = logging.getLogger(f"fedcore.worker.{worker}")
+    """Send `fedcore.worker.<worker>` records (INFO and up) to the current flow run's logs,
+    the lines held while the worker started before the flow run (tasks/worker_logs.py) first."""
+    logger = worker_logger(worker)
     for old in [f for f in logger.filters if isinstance(f, FlowRunStamp)]:
         logger.removeFilter(old)  # a previous flow run in this process
     run_id = flow_run.get_id()
@@ -92,6 +99,9 @@ def forward_worker_logs(worker: str) -> None:
     parent = logging.getLogger("fedcore.worker")
     if parent.getEffectiveLevel() > logging.INFO:
         parent.setLevel(logging.INFO)  # Prefect leaves extra loggers at the root's WARNING
+    stamp_task_run(worker)  # inside `start-<worker>`: the held lines are its lines
+    for record in release_worker_logs(worker):
+        logger.handle(record)  # through the stamp above: filed under this run
 
 
 @task(
@@ -104,9 +114,9 @@ def forward_worker_logs(worker: str) -> None:
     retry_condition_fn=is_transient,
 )
 def start_worker(session: WorkerSession, timeout: float) -> Hello:
-    """Start a worker program and wait for its hello (what it holds, what it runs on)."""
-    forward_worker_logs(session.name)
-    stamp_task_run(session.name)
+    """Start a worker program (unless `fedmnist run` started it already: flows/launch.py) and
+    wait for its hello (what it holds, what it runs on)."""
+    forward_worker_logs(session.name)  # makes this task the one its lines belong to
     session.start()
     return session.hello(timeout)
 
@@ -126,6 +136,62 @@ def train_on_worker(
     """One round of local training on `worker`; returns its validated update."""
     stamp_task_run(worker)
     return session.train(request, timeout)
+
+
+@task(
+    name="train-fleet",
+    task_run_name="train-r{round:02d}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def train_fleet(
+    round: int,
+    calls: Mapping[str, tuple[WorkerSession, TrainRequest]],
+    timeout: float,
+    answers: Mapping[str, Future[Update]],
+) -> None:
+    """One round of local training on every worker of a large fleet, as one task run.
+
+    A task run per worker per round costs the coordinator and the Prefect server more than a
+    small worker-round itself (its states, events and log lines), and tens of them a round are
+    more than a person reads in the UI; so past `tracking.worker_tasks_up_to` trainers a round
+    trains in this one task (flows/rounds.py). Each worker's validated update, or its error,
+    goes to its future in `answers` the moment it is in, so the flow folds updates as they
+    arrive; its log lines are this task run's. A transient failure (`FedError.transient`) is
+    tried again as `train_on_worker`'s retries do: twice, after 2 s and 5 s.
+    """
+    run_id = task_run.get_id()
+    with ThreadPoolExecutor(len(calls), thread_name_prefix=f"train-r{round:02d}") as pool:
+        for name, (session, request) in calls.items():
+            pool.submit(_train_into, answers[name], session, request, timeout, run_id)
+
+
+def _train_into(
+    answer: Future[Update],
+    session: WorkerSession,
+    request: TrainRequest,
+    timeout: float,
+    run_id: Any,
+) -> None:
+    """`session.train`, its update or its last error put in `answer` (see `train_fleet`)."""
+    stamp_worker_logs(session.name, run_id)
+    delays = [2.0, 5.0]
+    while True:
+        try:
+            answer.set_result(session.train(request, timeout))
+            return
+        except FedError as exc:
+            if exc.transient and delays:
+                worker_logger(session.name).warning(  # stamped: this task run's line
+                    "%s; asking it again in %g s", exc, delays[0]
+                )
+                time.sleep(delays.pop(0))
+                continue
+            answer.set_exception(exc)
+            return
+        except BaseException as exc:  # noqa: BLE001 - the flow reports it as this worker's failure
+            answer.set_exception(exc)
+            return
 
 
 @task(

@@ -98,12 +98,34 @@ def mlflow_record(home: Path, run_id: str) -> dict[str, Any]:
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def seed_run(tmp_path_factory, mnist_dir: Path) -> tuple[dict[str, Any], str, Path]:
-    base = tmp_path_factory.mktemp("seed")
+# The same numbers on every x86-64 machine with AVX2: torch picks its CPU kernels by the
+# instructions the processor has (ATen's vectorised loops, oneDNN's convolutions, MKL's matrix
+# products), and kernels of another width sum in another order, so a model trained on an
+# AVX-512 machine differs from one trained on an AVX2 machine in the last bits after a few
+# rounds. The run pins all three to AVX2 (the workers inherit the environment): the record is
+# then one that any CI machine reproduces exactly.
+SAME_KERNELS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "DNNL_MAX_CPU_ISA": "AVX2",
+    "MKL_CBWR": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
+
+
+def seed_env(base: Path) -> dict[str, str]:
+    """The environment of the seed run: its own homes, no outside servers, the same kernels."""
     env = dict(os.environ, FEDMNIST_HOME=str(base / "home"), PREFECT_HOME=str(base / "prefect"))
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(SAME_KERNELS)
+    return env
+
+
+@pytest.fixture(scope="module")
+def seed_run(tmp_path_factory, mnist_dir: Path) -> tuple[dict[str, Any], str, Path]:
+    base = tmp_path_factory.mktemp("seed")
+    env = seed_env(base)
     summary = base / "summary.json"
     proc = subprocess.run(
         [
@@ -130,6 +152,22 @@ def test_seed_run_prints_todays_lines(seed_run) -> None:
     expected = json.loads(EXPECTED.read_text())
     assert printed_lines(out) == expected["printed"]
     assert summary["evaluations"] == expected["evaluations"]
+
+
+def test_seed_run_started_its_workers_before_the_flow_run(seed_run) -> None:
+    """`fedmnist run` starts the local workers while Prefect starts (flows/launch.py): each
+    worker's start-up line was written before the flow run began (its own time stamp says so)
+    and is shown once, after the flow run's first line, held until there was a run to file it
+    under."""
+    _, out, _ = seed_run
+    stamp = re.compile(r"^(\d\d:\d\d:\d\d\.\d{3}) \| INFO +\| (.*)$")
+    lines = [m.groups() for m in map(stamp.match, out.splitlines()) if m]
+    began = next(i for i, (_, text) in enumerate(lines) if "Beginning flow run" in text)
+    for worker in ("alice", "bob", "charlie", "testing"):
+        said = [i for i, (_, text) in enumerate(lines) if f"[{worker}] {worker} holds " in text]
+        assert len(said) == 1, (worker, said)
+        assert said[0] > began
+        assert lines[said[0]][0] < lines[began][0], (lines[said[0]], lines[began])
 
 
 def test_seed_run_logs_todays_mlflow_record(seed_run) -> None:
