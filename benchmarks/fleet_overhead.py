@@ -14,14 +14,16 @@ rounds:
 - wall per round: the round's line (training to the round's line, record included);
 - compute: the slowest worker's own training seconds (its "round N: ..., 0.02s" line);
 - overhead per worker-round: (wall - compute) / N;
-- marginal cost of a worker: the slope of wall per round between the fleet sizes.
+- marginal cost of a worker: the slope of wall per round between the fleet sizes, and the slope
+  of (wall - compute): what one more worker adds beyond its own compute.
 
 On a 2-core machine N worker processes share two cores, so part of what grows with N is the
 workers' own Python (reading a frame, decoding, encoding the reply) competing with the
 coordinator: the figure is the fleet's cost on one machine, an upper bound for devices that
 compute elsewhere.
 
-    .venv/bin/python benchmarks/fleet_overhead.py [--sizes 3,10,20] [--rounds 8] [--before DIR]
+    .venv/bin/python benchmarks/fleet_overhead.py [--sizes 3,10,20] [--rounds 8] [--repeats 3]
+        [--before DIR]
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="3,10,20", help="fleet sizes (3,10,20)")
     p.add_argument("--rounds", type=int, default=8, help="rounds per run (8; round 1 not counted)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per size and version (median)")
     p.add_argument("--before", type=Path, help="a copy of an earlier checkout to run alongside")
     p.add_argument("--out", type=Path, default=RESULTS / "fleet_overhead", help="results stem")
     args = p.parse_args()
@@ -95,14 +98,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedmnist-fleet-") as tmp:
         for n in sizes:
             config = fleet_config(n, args.rounds, Path(tmp))
-            for name, root in variants.items():
-                run = run_product(root, None, None, str(config))
-                table[name].append(figures(run, n))
-                print(name, json.dumps(table[name][-1]), flush=True)
+            runs: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
+            for _ in range(args.repeats):  # the versions alternate
+                for name, root in variants.items():
+                    runs[name].append(figures(run_product(root, None, None, str(config)), n))
+                    print(name, json.dumps(runs[name][-1]), flush=True)
+            for name, got in runs.items():
+                table[name].append(
+                    {
+                        k: statistics.median(r[k] for r in got) if isinstance(v, float | int) else v
+                        for k, v in got[0].items()
+                    }
+                )
     for rows in table.values():
         for a, b in zip(rows, rows[1:], strict=False):
-            b["marginal_ms_per_worker"] = (
-                1000 * (b["wall_per_round"] - a["wall_per_round"]) / (b["trainers"] - a["trainers"])
+            added = b["trainers"] - a["trainers"]
+            b["marginal_ms_per_worker"] = 1000 * (b["wall_per_round"] - a["wall_per_round"]) / added
+            # beyond the workers' own compute: the slope of (wall - slowest worker's compute)
+            b["marginal_beyond_compute_ms"] = (
+                1000
+                * ((b["wall_per_round"] - b["compute"]) - (a["wall_per_round"] - a["compute"]))
+                / added
             )
     result = {"rounds": args.rounds, "sizes": sizes, "table": table, "load": os.getloadavg()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,17 +133,20 @@ def markdown(result: dict[str, Any]) -> str:
         "round 1 left out, medians)",
         "",
         "| version | trainers | wall per round s | slowest worker's compute s | train phase s "
-        "| aggregate s | record s | (wall - compute) / trainers ms | marginal ms per worker |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| aggregate s | record s | (wall - compute) / trainers ms | marginal ms per worker "
+        "| marginal beyond compute ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in result["table"].items():
         for r in rows:
             marginal = r.get("marginal_ms_per_worker")
+            beyond = r.get("marginal_beyond_compute_ms")
             lines.append(
                 f"| {name} | {r['trainers']} | {r['wall_per_round']:.3f} | {r['compute']:.3f} "
                 f"| {r['train_phase']:.3f} | {r['aggregate']:.3f} | {r['record']:.3f} "
                 f"| {r['overhead_per_worker_round_ms']:.1f} "
-                f"| {'' if marginal is None else f'{marginal:.1f}'} |"
+                f"| {'' if marginal is None else f'{marginal:.1f}'} "
+                f"| {'' if beyond is None else f'{beyond:.1f}'} |"
             )
     lines += [
         "",

@@ -223,13 +223,17 @@ def resumed_config(point: Any) -> Any:
 
 
 def _finish(state: Any, args: argparse.Namespace) -> int:
+    from flows.temporary_server import release_temporary_server
+
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)
         print(f"error: training failed: {exc}", file=sys.stderr)
+        release_temporary_server(state.state_details.flow_run_id)
         return 1
     summary = state.result()
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+    release_temporary_server(state.state_details.flow_run_id)  # not seconds after the run
     return 0
 
 
