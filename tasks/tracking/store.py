@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from fedcore.config import URI_USERINFO, fedmnist_home, redact_uri
 from fedcore.errors import FedError
@@ -94,12 +94,20 @@ def artifact_root_for(uri: str) -> Path | None:
 
 def fix_hint(uri: str) -> str:
     """What to do about store `uri` not answering: the sentences ending every error about it."""
+    db = sqlite_path(uri)
+    if db is not None:  # a file: nothing to start, but something may hold it or starve it
+        return (
+            f"The SQLite file {db} may be locked by another program (`fuser {db}` shows who "
+            "holds it) or the machine too busy to write it; try again when it is free, point "
+            f"tracking.uri (`--set tracking.uri=...`) or ${ENV_URI} at an MLflow server, or "
+            "`--set tracking.enabled=false` to train without a record."
+        )
+    port = urlsplit(uri).port or 5000
     return (
-        f"Start the server (e.g. `mlflow server --backend-store-uri sqlite:///mlflow.db --host "
-        f"127.0.0.1 --port {uri.rsplit(':', 1)[-1].strip('/') or 5000}`), or point tracking.uri "
-        f"(`--set tracking.uri=...`) or ${ENV_URI} at a running one, or unset both to use the "
-        f"local store {default_tracking_uri()}; `--set tracking.enabled=false` trains without "
-        "a record."
+        "Start the server (e.g. `mlflow server --backend-store-uri sqlite:///mlflow.db --host "
+        f"127.0.0.1 --port {port}`), or point tracking.uri (`--set tracking.uri=...`) or "
+        f"${ENV_URI} at a running one, or unset both to use the local store "
+        f"{default_tracking_uri()}; `--set tracking.enabled=false` trains without a record."
     )
 
 

@@ -53,3 +53,13 @@ def test_metric_chart_url_plots_every_key_on_one_chart() -> None:
     assert json.loads(q["plot_metric_keys"]) == keys
     assert json.loads(q["runs"]) == ["abc123"] and json.loads(q["experiments"]) == ["7"]
     assert q["x_axis"] == "step"
+
+
+def test_the_fix_for_a_store_that_does_not_answer_fits_the_kind_of_store() -> None:
+    from tasks.tracking.store import fix_hint
+
+    sqlite = fix_hint("sqlite:////srv/fed/mlflow.db")
+    assert "may be locked by another program (`fuser /srv/fed/mlflow.db`" in sqlite
+    assert "mlflow server" not in sqlite  # a file has no server to start
+    assert "--port 5077`" in fix_hint("http://127.0.0.1:5077")
+    assert "--port 5000`" in fix_hint("https://mlflow.lan/")
