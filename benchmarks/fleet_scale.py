@@ -13,14 +13,15 @@ out: the window runs from round 1's record (its timeline line's wall clock) to t
   the Prefect server's likewise (what the same per-worker task runs cost it);
 - round wall: the median of the rounds' wall times in the window;
 - peak RSS: the coordinator's largest resident memory in the window, and its slope per added
-  worker between fleet sizes (target: below one model, 1.7 MB).
+  worker between fleet sizes (target: below one model, 1.7 MB); RSS at round 1: its resident
+  memory at round 1's record, where the window starts (peak minus it: what the rounds added).
 
 `--before DIR`: an earlier checkout (for example `git archive HEAD | tar -x -C DIR`) runs the
 same configs alternately, side by side. `--lab N`: also N devices of the SSH lab (fedlab, real
 sshd, one Linux user each, under `flock /tmp/fedmnist-lab.lock`), the coordinator the same.
 
     .venv/bin/python benchmarks/fleet_scale.py [--sizes 3,10,30] [--rounds 8] [--lab 10]
-        [--before DIR] [--out benchmarks/results/fleet_scale]
+        [--before DIR [--before-name before]] [--out benchmarks/results/fleet_scale]
 """
 
 from __future__ import annotations
@@ -135,6 +136,8 @@ def run_fleet(root: Path, config: Path, extra_env: dict[str, str] | None = None)
         env.pop("PREFECT_API_URL", None)
         env.pop("MLFLOW_TRACKING_URI", None)
         env["PYTHONPATH"] = str(root)
+        # a loaded machine can take more than Prefect's default 60 s to start its server
+        env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
         env.update(extra_env or {})
         cmd = [sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main())"]
         cmd += ["run", str(config), "--set", f"data_dir={default_data_dir()}"]
@@ -175,6 +178,12 @@ def figures(rounds: list[dict[str, Any]], samples: list[tuple]) -> dict[str, Any
         "prefect_server_ms_per_worker_round": 1000 * server / (n * counted),
         "peak_rss_mb": max(s[2] for s in inside) / 1024,
         "rss_at_round_1_mb": (before[-1][2] if before else inside[0][2]) / 1024,
+        # the largest RSS in each round after the first (between two rounds' records): whether
+        # the rounds keep adding memory or the peak is one round's
+        "peak_rss_by_round_mb": [
+            max((s[2] for s in inside if a["wall"] <= s[0] <= b["wall"]), default=0) / 1024
+            for a, b in zip(rounds, rounds[1:], strict=False)
+        ],
         "fold_s": statistics.median(r["phases"].get("fold", 0.0) for r in rounds[1:]),
         "aggregate_s": statistics.median(r["phases"]["aggregate"] for r in rounds[1:]),
         "compute_s": statistics.median(r["phases"]["compute"] for r in rounds[1:]),
@@ -223,10 +232,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=8, help="rounds per run (8; round 1 not counted)")
     p.add_argument("--lab", type=int, default=0, help="also this many SSH lab devices (0: none)")
     p.add_argument("--before", type=Path, help="an earlier checkout, run alternately")
+    p.add_argument("--before-name", default="before", help="its name in the table (before)")
     p.add_argument("--out", type=Path, default=RESULTS / "fleet_scale", help="results stem")
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    variants = {"product": ROOT} | ({"before": args.before.resolve()} if args.before else {})
+    variants = {"product": ROOT} | (
+        {args.before_name: args.before.resolve()} if args.before else {}
+    )
     table: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory(prefix="fedmnist-scale-cfg-") as tmp:
         for n in sizes:
@@ -256,9 +268,10 @@ def markdown(result: dict[str, Any]) -> str:
         "(round 1 left out)",
         "",
         "| version | trainers | round wall s (median) | coordinator CPU ms per worker-round "
-        "| Prefect server CPU ms per worker-round | coordinator peak RSS MB "
-        "| RSS MB per added worker | fold s | aggregate s | load average (1, 5, 15 min) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| Prefect server CPU ms per worker-round | coordinator RSS MB at round 1 "
+        "| coordinator peak RSS MB | RSS MB per added worker | fold s | aggregate s "
+        "| load average (1, 5, 15 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in result["table"].items():
         for r in rows:
@@ -266,7 +279,8 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {r['trainers']} | {r['round_wall_s']:.3f} "
                 f"| {r['coordinator_ms_per_worker_round']:.1f} "
-                f"| {r['prefect_server_ms_per_worker_round']:.1f} | {r['peak_rss_mb']:.0f} "
+                f"| {r['prefect_server_ms_per_worker_round']:.1f} | {r['rss_at_round_1_mb']:.0f} "
+                f"| {r['peak_rss_mb']:.0f} "
                 f"| {'' if per is None else f'{per:.2f}'} | {r['fold_s']:.3f} "
                 f"| {r['aggregate_s']:.3f} | {', '.join(f'{x:.1f}' for x in r['load'])} |"
             )

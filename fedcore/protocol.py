@@ -176,6 +176,12 @@ def encode_train(req: TrainRequest) -> bytes:
     Raises:
         WireError: the plan's compression cannot carry a value (fp16 beyond its range).
     """
+    return b"".join(encode_train_parts(req))
+
+
+def encode_train_parts(req: TrainRequest) -> Tuple[bytes, bytes]:
+    """`encode_train`'s frame as (prefix and metadata, payload), to be sent one after the other:
+    the payload is the round's shared bytes object, not copied into a frame per worker."""
     groups: Dict[str, Mapping[str, torch.Tensor]] = {"global": req.weights}
     groups.update(req.extras)
     down, _ = compression.codecs(req.plan.compression)
@@ -185,7 +191,8 @@ def encode_train(req: TrainRequest) -> bytes:
         "plan": req.plan.to_dict(),
         "sample_seed": req.sample_seed,
     }
-    return wire.encode_frame(meta, _TRAIN_PAYLOADS.payload(groups, down))
+    payload = _TRAIN_PAYLOADS.payload(groups, down)
+    return wire.encode_head(meta, len(payload)), payload
 
 
 class _TrainPayloads:

@@ -15,6 +15,13 @@ plan, and its global weights, to which the decoded delta is added: `protocol.dec
 Any decoder failure (`WireError`: a bad frame, header or field) drops the connection, so the
 stream can never be out of step; the next call starts the worker program again (within the
 round's retry for a transient error, in the next round otherwise).
+
+Memory does not grow with the fleet: a request frame is let go once sent, and a reply's payload
+is read inside one of a bounded number of reply slots shared by every session of the process
+(`fedcore.intake.ReplySlots`, 4 by default), straight into the slot's reused buffer, then
+decoded and checked there on the slots' own threads; the other replies wait in their pipes. So
+however many updates arrive at once, at most that many payload buffers and decoded updates
+exist inside the sessions.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import TypeVar
 
 import torch
 
-from . import protocol, wire
+from . import intake, protocol, wire
 from .errors import UpdateRejected, WireError, WorkerFailed, WorkerTimeout, WorkerUnreachable
 from .evaluation import EvalResult
 from .model import weight_spec
@@ -35,6 +42,12 @@ from .transport.base import Pipe, Transport, WorkerLaunch
 
 log = logging.getLogger("fedcore.session")
 T = TypeVar("T")
+Payload = bytes | memoryview  # a reply's payload: empty bytes, or a reply slot's buffer
+
+
+def _copied(meta: wire.Meta, payload: Payload, nbytes: int) -> tuple[wire.Meta, bytes, int]:
+    """The reply with its payload copied out of the slot (for a caller that keeps it)."""
+    return meta, bytes(payload), nbytes
 
 
 class WorkerSession:
@@ -46,8 +59,10 @@ class WorkerSession:
         transport: Transport,
         max_payload: int = wire.MAX_PAYLOAD,
         extras_spec: Callable[[str], Mapping[str, tuple]] | None = None,
+        slots: intake.ReplySlots = intake.SHARED,
     ) -> None:
         self.launch = launch
+        self.slots = slots
         self.name = launch.name
         self.transport = transport
         self.max_payload = max_payload
@@ -109,24 +124,44 @@ class WorkerSession:
     # -- requests ---------------------------------------------------------------------------
 
     def _call(
-        self, frame: bytes, timeout: float | None, max_payload: int
-    ) -> tuple[wire.Meta, bytes, int]:
+        self,
+        frames: list[bytes],
+        timeout: float | None,
+        max_payload: int,
+        decode: Callable[[wire.Meta, Payload, int], T],
+    ) -> T:
+        """Send the request frame `frames` (its parts in order, each let go once sent: the list
+        ends empty), read the reply and return `decode(meta, payload, bytes both ways)`. A
+        payload is read inside one of `self.slots` (fedcore.intake), into its buffer, and
+        decoded there on one of its threads: `decode` must not keep `payload` (nor a view of
+        it) past its return."""
         if self._abandoned:
             raise WorkerFailed(self.name, "stopped: the training is over")
         self._start_locked()
         pipe = self._pipe
         assert pipe is not None
+        sent = sum(len(part) for part in frames)
+        received = 0
+
+        def read_exact(n: int) -> bytes:
+            nonlocal received
+            data = pipe.read_exact(n, timeout)
+            received += len(data)
+            return data
+
         try:
-            pipe.send(frame, timeout)
-            received = 0
-
-            def read_exact(n: int) -> bytes:
-                nonlocal received
-                data = pipe.read_exact(n, timeout)
-                received += len(data)
-                return data
-
-            meta, payload = wire.read_frame(read_exact, max_payload)
+            while frames:
+                pipe.send(frames.pop(0), timeout)
+            meta, size = wire.read_head(read_exact, max_payload)
+            if not size:
+                return self._answer(meta, b"", sent + received, decode)
+            with self.slots.slot(size, timeout) as payload:
+                try:
+                    pipe.read_into(payload, timeout)
+                except EOFError:
+                    raise WireError("frame truncated: stream closed inside a frame") from None
+                nbytes = sent + received + size
+                return self.slots.decode(lambda: self._answer(meta, payload, nbytes, decode))
         except (TimeoutError, ConnectionError, EOFError, OSError, WireError) as exc:
             self.kill()
             if self._abandoned:
@@ -136,10 +171,19 @@ class WorkerSession:
             if isinstance(exc, WireError):
                 raise WorkerFailed(self.name, f"sent a bad frame: {exc}") from None
             raise WorkerUnreachable(self.name, f"connection lost: {exc}") from None
+
+    def _answer(
+        self,
+        meta: wire.Meta,
+        payload: Payload,
+        nbytes: int,
+        decode: Callable[[wire.Meta, Payload, int], T],
+    ) -> T:
+        """`decode(meta, payload, nbytes)`, or WorkerFailed for the worker's error reply."""
         if meta.get("type") == "error":
             error = wire.clip(str(meta.get("error")), 60)
             raise WorkerFailed(self.name, f"{error}: {wire.clip(str(meta.get('message')), 2000)}")
-        return meta, payload, len(frame) + received
+        return decode(meta, payload, nbytes)
 
     def request(
         self, frame: bytes, timeout: float | None, max_payload: int
@@ -151,7 +195,7 @@ class WorkerSession:
             WorkerUnreachable, WorkerTimeout, WorkerFailed: as `train`.
         """
         with self._lock:
-            return self._call(frame, timeout, max_payload)
+            return self._call([frame], timeout, max_payload, _copied)
 
     def _decode(self, what: str, decode: Callable[[], T]) -> T:
         """`decode()`, or on a WireError the connection dropped and WorkerFailed raised."""
@@ -164,8 +208,12 @@ class WorkerSession:
     def hello(self, timeout: float | None = 120.0) -> Hello:
         """Wait for the worker to be ready and learn what it holds."""
         with self._lock:
-            meta, _, _ = self._call(protocol.encode_hello_request(), timeout, 0)
-            info = self._decode("hello", lambda: protocol.decode_hello(meta))
+            info = self._call(
+                [protocol.encode_hello_request()],
+                timeout,
+                0,
+                lambda meta, _, __: self._decode("hello", lambda: protocol.decode_hello(meta)),
+            )
         if info.worker != self.name:
             raise WorkerFailed(
                 self.name, f"answered as {wire.quote(info.worker)}: check the inventory"
@@ -189,27 +237,37 @@ class WorkerSession:
         """
         groups = len(request.extras) if reply_groups is None else reply_groups
         limit = protocol.reply_limit(request.weights, groups, request.plan)
-        frame = protocol.encode_train(request)
-        with self._lock:
-            self._check_compression(request)
-            meta, payload, nbytes = self._call(frame, timeout, limit)
+        frames = list(protocol.encode_train_parts(request))
+        down = sum(len(part) for part in frames)
+
+        def decode(meta: wire.Meta, payload: Payload, nbytes: int) -> Update:
             update = self._decode(
                 "update",
                 lambda: protocol.decode_update(
                     meta,
-                    payload,
+                    payload,  # type: ignore[arg-type]  # a slot's buffer reads as bytes do
                     wire_bytes=nbytes,
-                    wire_bytes_down=len(frame),
+                    wire_bytes_down=down,
                     plan=request.plan,
                     reference=request.weights,
                     max_groups=1 + groups,
                 ),
             )
-        if update.worker != self.name or update.round != request.round:
+            self._check_update(update, request.round)
+            return update
+
+        with self._lock:
+            self._check_compression(request)
+            return self._call(frames, timeout, limit, decode)
+
+    def _check_update(self, update: Update, round: int) -> None:
+        """Refuse an update for another worker or round, or whose tensors are not the model's
+        (names, shapes, dtypes) or not finite."""
+        if update.worker != self.name or update.round != round:
             raise UpdateRejected(
                 self.name,
                 f"answered for worker {wire.quote(update.worker)} round {update.round}, "
-                f"expected {self.name!r} round {request.round}",
+                f"expected {self.name!r} round {round}",
             )
         wire.validate_tensors(self.name, update.weights, self._spec)
         for group, tensors in update.extras.items():
@@ -219,7 +277,6 @@ class WorkerSession:
                         self.name,
                         f"{wire.clip(group, 60)} {wire.clip(repr(k), 60)} has non-finite values",
                     )
-        return update
 
     def _check_compression(self, request: TrainRequest) -> None:
         """Refuse to send a compressed request to a worker whose hello says it predates them."""
@@ -248,8 +305,12 @@ class WorkerSession:
         """
         total = self.hello_info.num_examples if self.hello_info is not None else None
         with self._lock:
-            meta, _, _ = self._call(protocol.encode_evaluate(round, models, groups), timeout, 0)
-            return self._decode(
-                "evaluation",
-                lambda: protocol.decode_evaluation(meta, list(models), len(groups), total),
+            return self._call(
+                [protocol.encode_evaluate(round, models, groups)],
+                timeout,
+                0,
+                lambda meta, _, __: self._decode(
+                    "evaluation",
+                    lambda: protocol.decode_evaluation(meta, list(models), len(groups), total),
+                ),
             )

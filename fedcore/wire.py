@@ -177,10 +177,16 @@ def array(value: Any, what: str, limit: int) -> List[Any]:
 
 def encode_frame(meta: Mapping[str, Any], payload: bytes = b"") -> bytes:
     """One frame holding `meta` (a JSON object) and `payload` bytes."""
+    return encode_head(meta, len(payload)) + payload
+
+
+def encode_head(meta: Mapping[str, Any], payload_size: int) -> bytes:
+    """A frame's prefix and metadata, for a payload of `payload_size` bytes sent after it
+    (`encode_frame` without copying a payload that many frames share)."""
     text = json.dumps(meta, separators=(",", ":"), allow_nan=False).encode()
     if len(text) > MAX_JSON:
         raise FrameTooLarge(f"frame metadata is {len(text)} bytes, limit {MAX_JSON}")
-    return PREFIX.pack(MAGIC, len(text), len(payload)) + text + payload
+    return PREFIX.pack(MAGIC, len(text), payload_size) + text
 
 
 def decode_prefix(prefix: bytes, max_payload: int = MAX_PAYLOAD) -> Tuple[int, int]:
@@ -223,13 +229,25 @@ def read_frame(
     `read_exact` raises EOFError when the stream ends before any byte of a read; an end inside a
     frame is a truncated frame (WireError). EOFError before a frame starts means the peer left.
     """
-    n_json, n_payload = decode_prefix(read_exact(PREFIX.size), max_payload)
+    meta, n_payload = read_head(read_exact, max_payload)
     try:
-        meta = decode_meta(read_exact(n_json))
         payload = read_exact(n_payload) if n_payload else b""
     except EOFError:
         raise WireError("frame truncated: stream closed inside a frame") from None
     return meta, payload
+
+
+def read_head(
+    read_exact: Callable[[int], bytes], max_payload: int = MAX_PAYLOAD
+) -> Tuple[Meta, int]:
+    """Read a frame's prefix and metadata with `read_exact` (as `read_frame`), not its payload:
+    (meta, payload length, within max_payload), for a reader that puts the payload elsewhere."""
+    n_json, n_payload = decode_prefix(read_exact(PREFIX.size), max_payload)
+    try:
+        meta = decode_meta(read_exact(n_json))
+    except EOFError:
+        raise WireError("frame truncated: stream closed inside a frame") from None
+    return meta, n_payload
 
 
 def stream_reader(stream: BinaryIO) -> Callable[[int], bytes]:

@@ -380,7 +380,7 @@ def submit_fleet_training(
     group = train_fleet.submit(rnd, unwalked(calls), ctx.cfg.timeouts.train, unwalked(answers))
 
     def unanswered(_: object) -> None:
-        for name, answer in answers.items():
+        for name, answer in list(answers.items()):  # those the flow has not taken yet
             try:
                 answer.set_exception(
                     WorkerFailed(name, f"round {rnd}'s training task ended without its answer")
@@ -392,7 +392,9 @@ def submit_fleet_training(
         group.wrapped_future.add_done_callback(unanswered)
     else:
         group.add_done_callback(unanswered)
-    return dict(answers)
+    # the very dict: the flow pops each answer as it takes it (flows/streamed_round.py), so
+    # neither this callback nor the task keeps a folded update alive until the round task ends
+    return cast(dict[str, TrainingFuture], answers)
 
 
 def check_quorum(ctx: RunContext, rnd: int, valid: int, failures: Sequence[Failure]) -> None:

@@ -61,7 +61,7 @@ def unrecorded_task_runs(flow_run_id: uuid.UUID) -> int:
 
 
 def release_temporary_server(
-    flow_run_id: uuid.UUID | None, timeout: float = 5.0, grace: float = 0.5
+    flow_run_id: uuid.UUID | None, timeout: float = 5.0, grace: float = 0.2
 ) -> bool:
     """Stop this process's temporary Prefect server once flow run `flow_run_id` is recorded
     (at most `timeout` seconds of waiting; see the module's docstring); returns whether there

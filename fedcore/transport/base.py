@@ -104,6 +104,37 @@ class Pipe(abc.ABC):
             left -= len(chunk)
         return b"".join(chunks)
 
+    def read_into(self, view: memoryview, timeout: float | None) -> None:
+        """Fill `view` with the next len(view) bytes within `timeout` seconds (a reply's payload
+        read straight into the buffer it is decoded from: no pieces to join).
+
+        Raises:
+            As `read_exact`.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done = 0
+        while done < len(view):
+            wait = None if deadline is None else deadline - time.monotonic()
+            try:
+                if wait is not None and wait <= 0:
+                    raise TimeoutError
+                got = self.read_available_into(view[done:], wait)
+            except TimeoutError:
+                raise TimeoutError(f"{self.description} sent nothing for {timeout:.0f}s") from None
+            if not got:
+                why = self.end_reason()
+                if done == 0:
+                    raise EOFError(f"{self.description} closed its output{why}")
+                raise ConnectionError(f"{self.description} closed its output mid-frame{why}")
+            done += got
+
+    def read_available_into(self, view: memoryview, wait: float | None) -> int:
+        """As `read_available`, into `view`: how many bytes were written there (0: the stream
+        has ended). A pipe that can read into a buffer directly overrides this copy."""
+        chunk = self.read_available(min(len(view), 1 << 20), wait)
+        view[: len(chunk)] = chunk
+        return len(chunk)
+
     @abc.abstractmethod
     def read_available(self, n: int, wait: float | None) -> bytes:
         """Wait for the stream to have bytes, then return what is there, up to n.

@@ -3,7 +3,9 @@
 The embedded default: one machine, no devices. The worker's stderr becomes bounded log lines of
 the logger `fedcore.worker.<name>` (`stderr.StderrForwarder`). Writing to a worker has a deadline:
 its stdin is non-blocking and each write waits in `select`, so a wedged worker (stopped, or one
-that no longer reads) is a TimeoutError naming it, never a coordinator blocked for ever.
+that no longer reads) is a TimeoutError naming it, never a coordinator blocked for ever. Reading
+allocates nothing per reply: a payload goes straight into the caller's buffer (`os.readv`), and
+a smaller read asks for at most what a pipe holds (64 KiB).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from .stderr import LOG_LIMITS, LogLimits, StderrForwarder, start_pump
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 SEND_TIMEOUT = 120.0  # seconds for a worker to take one request in
+# A pipe holds 64 KiB: asking os.read for more allocates the larger buffer, then shrinks it.
+PIPE_CHUNK = 1 << 16
 
 
 class LocalPipe(Pipe):
@@ -68,7 +72,13 @@ class LocalPipe(Pipe):
         ready, _, _ = select.select([self._out], [], [], wait)
         if not ready:
             raise TimeoutError
-        return os.read(self._out, n)
+        return os.read(self._out, min(n, PIPE_CHUNK))
+
+    def read_available_into(self, view: memoryview, wait: float | None) -> int:
+        ready, _, _ = select.select([self._out], [], [], wait)
+        if not ready:
+            raise TimeoutError
+        return os.readv(self._out, [view])
 
     def alive(self) -> bool:
         return self.proc.poll() is None
