@@ -173,8 +173,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     _setup_env(args)
+    from flows.allocator import limit_arenas
     from flows.launch import prestarted
 
+    limit_arenas()  # before any thread allocates (flows/allocator.py)
     with prestarted(cfg):  # the local workers start while Prefect is imported and started
         from flows.federated import federated_mnist
         from flows.progress import showing_progress
@@ -198,8 +200,10 @@ def _resume(args: argparse.Namespace) -> int:
         return 2
     print(f"resuming {point.run_dir.name} after round {point.round}")
     _setup_env(args)
+    from flows.allocator import limit_arenas
     from flows.launch import prestarted
 
+    limit_arenas()
     with prestarted(resumed_config(point)):
         from flows.federated import federated_mnist
         from flows.progress import showing_progress

@@ -25,6 +25,7 @@ from fedcore.privacy.budget import PrivacyBudget
 from fedcore.protocol import Hello
 from fedcore.resume import ResumePoint, find_run_dir, load_resume_point
 from fedcore.strategies import Strategy, build_strategy
+from flows.allocator import limit_arenas
 from flows.launch import make_session
 from flows.parameters import (
     ConfigPath,
@@ -147,6 +148,7 @@ def run_training(
         FedError: a worker could not start, the MLflow store is unreachable, or a round failed.
     """
     logger = get_run_logger()
+    limit_arenas()  # under a deployment too; `fedmnist run` set it before its threads started
     run_key = str(flow_run.get_id() or "local")
     strategy = build_strategy(cfg.strategy)
 

@@ -1,0 +1,33 @@
+"""The coordinator's C allocator: a few shared arenas, not one per thread.
+
+glibc's malloc gives threads that allocate at the same time arenas of their own (up to 8 per
+core) and keeps what is freed in each for reuse. The coordinator moves megabytes per worker per
+round on many threads (a task or a reply reader per worker), so its freed round buffers piled up
+in tens of arenas: at 30 local trainers the process grew by about 2 MB per worker-round while the
+memory in use stayed at ~200 MB (benchmarks/results/fleet_scale.md, read with `mallinfo2`).
+Two arenas hold the same work with the freed memory reused across threads; this is glibc's own
+tunable (`M_ARENA_MAX`, the `MALLOC_ARENA_MAX` environment variable), set here for the process
+unless the operator set that variable. Elsewhere than glibc (musl, macOS) it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+M_ARENA_MAX = -8  # mallopt's parameter number (glibc malloc.h)
+ARENAS = 2
+
+
+def limit_arenas(arenas: int = ARENAS) -> bool:
+    """Cap glibc's malloc arenas for this process; returns whether it was set. Call it before
+    the threads that allocate start."""
+    if os.environ.get("MALLOC_ARENA_MAX") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
