@@ -106,7 +106,7 @@ def main() -> None:
             for name, got in runs.items():
                 table[name].append(
                     {
-                        k: statistics.median(r[k] for r in got) if isinstance(v, float | int) else v
+                        k: statistics.median(r[k] for r in got) if isinstance(v, float) else v
                         for k, v in got[0].items()
                     }
                 )

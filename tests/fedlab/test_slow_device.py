@@ -112,7 +112,7 @@ def test_lab_devices_pace_themselves_over_ssh(
         # none matches the paced lines looked for below).
         references = {name: pool.submit(local_update, mnist_dir, name) for name in SHARDS}
         hellos = {
-            s.name: h for s, h in zip(sessions, pool.map(lambda s: s.hello(timeout=180), sessions))
+            s.name: h for s, h in zip(sessions, pool.map(lambda s: s.hello(timeout=600), sessions))
         }
         # A device's own user may not create a cgroup: the slowed device sleeps its pace instead.
         if lab.per_user:
@@ -121,7 +121,9 @@ def test_lab_devices_pace_themselves_over_ssh(
             assert hellos["dora"].pacing in ("sleep", "cpu.max", "cfs_quota")
         assert hellos["dora"].slowdown == 4.0
         assert (hellos["erin"].pacing, hellos["erin"].slowdown) == ("steady", 2.0)
-        trained = pool.map(lambda s: s.train(REQUEST, timeout=180), sessions)
+        # deadlines far past the work: dora sleeps 4x her steps, and a loaded 2-core machine
+        # (CI at load 20-30) once took more than 180 s for this round
+        trained = pool.map(lambda s: s.train(REQUEST, timeout=600), sessions)
         updates = {s.name: u for s, u in zip(sessions, trained)}
         # Each device's round line (its stderr over SSH): its pacer saw all 4 steps, erin's each
         # paced to 2 x 0.05 s and dora's, sleeping, to 4 x its own time. The seconds that takes are
