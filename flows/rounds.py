@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -53,7 +54,7 @@ from flows.round_record import record_round
 from tasks.aggregation import aggregate, finish_aggregate
 from tasks.artifacts import RunArtifacts
 from tasks.tracking import Tracker
-from tasks.workers import evaluate_models, train_fleet, train_on_worker
+from tasks.workers import evaluate_models, train_answering, train_fleet
 
 Weights = dict[str, torch.Tensor]
 T = TypeVar("T")
@@ -314,7 +315,8 @@ def train_once(
     futures = submit_training(ctx, rnd, plan, weights)
     updates: list[Update] = []
     failures: list[Failure] = []
-    for name, future in futures.items():
+    for name in list(futures):  # popped: no future outlives the round holding an update
+        future = futures.pop(name)
         got = collect_update(ctx, rnd, name, future, weights, ctx.expected_counts(name, plan))
         if isinstance(got, Failure):
             failures.append(got)
@@ -357,30 +359,86 @@ def submit_training(
     if len(requests) > cfg.tracking.worker_tasks_up_to:
         futures = submit_fleet_training(ctx, rnd, requests)
     else:
-        futures = {
-            # unwalked: Prefect would otherwise walk the request's tensors for futures
-            name: train_on_worker.submit(
-                ctx.sessions[name], name, rnd, unwalked(request), cfg.timeouts.train
-            )
-            for name, request in requests.items()
-        }
+        futures = submit_worker_training(ctx.sessions, rnd, requests, cfg.timeouts.train)
     if ctx.privacy is not None:  # asked to train: its budget is spent, answer or not
         ctx.privacy.charge(plan, list(futures), ctx.example_counts())
     return futures
+
+
+def submit_worker_training(
+    sessions: Mapping[str, WorkerSession],
+    rnd: int,
+    requests: Mapping[str, TrainRequest],
+    timeout: float,
+) -> dict[str, TrainingFuture]:
+    """A `train-<worker>-rNN` task for every request; a future per worker, answered by the task
+    (tasks/workers.py `train_answering`: Prefect's state of it never holds the update), or,
+    should the task run end without answering, failed with its error."""
+    answers: dict[str, Future[Update]] = {}
+    for name, request in requests.items():
+        answer: Future[Update] = Future()
+        answers[name] = answer
+        run = train_answering.submit(
+            sessions[name],
+            name,
+            rnd,
+            unwalked(request),  # else Prefect walks the request's tensors for futures
+            timeout,
+            unwalked(answer),
+        )
+        # weakly: Prefect's future and its thread's keep this callback until the cycle
+        # collector frees them; the answer (its update) must go when the flow lets it go
+        settle = partial(fail_unanswered, weakref.ref(answer), name, rnd)
+        if isinstance(run, PrefectConcurrentFuture):
+            run.wrapped_future.add_done_callback(settle)
+        else:
+            run.add_done_callback(settle)
+        del answer
+    return cast(dict[str, TrainingFuture], answers)
+
+
+def fail_unanswered(
+    answer_ref: Callable[[], Future[Update] | None], name: str, rnd: int, run: Any
+) -> None:
+    """Done callback of worker `name`'s training task run: fail its answer, unless answered or
+    let go, with the run's error (its final state's, as `task_outcome` reports it)."""
+    answer = answer_ref()
+    if answer is None or answer.done():
+        return
+    error: BaseException | None = None
+    try:
+        state = run.result() if isinstance(run, Future) else run.state
+        if not state.is_completed():
+            got = state.result(raise_on_failure=False)
+            error = got if isinstance(got, BaseException) else None
+    except Exception as exc:  # noqa: BLE001 - the run's own error is this worker's failure
+        error = exc
+    if error is None:
+        error = WorkerFailed(name, f"round {rnd}'s training task ended without its answer")
+    try:
+        answer.set_exception(error)
+    except InvalidStateError:
+        pass  # answered meanwhile
 
 
 def submit_fleet_training(
     ctx: RunContext, rnd: int, requests: Mapping[str, TrainRequest]
 ) -> dict[str, TrainingFuture]:
     """One `train-rNN` task for every request; a future per worker, answered as its update
-    arrives. Should the task end without answering one (it failed before starting them), that
-    worker's future fails, so no one waits on it forever."""
+    arrives. The task and its done-callback refer to the futures weakly: the flow owns them and
+    pops each as it takes it, so no update outlives its fold. Should the task end without
+    answering one (it failed before starting them), that worker's future fails, so no one
+    waits on it forever."""
     answers: dict[str, Future[Update]] = {name: Future() for name in requests}
+    refs = {name: weakref.ref(answer) for name, answer in answers.items()}
     calls = {name: (ctx.sessions[name], request) for name, request in requests.items()}
-    group = train_fleet.submit(rnd, unwalked(calls), ctx.cfg.timeouts.train, unwalked(answers))
+    group = train_fleet.submit(rnd, unwalked(calls), ctx.cfg.timeouts.train, unwalked(refs))
 
     def unanswered(_: object) -> None:
-        for name, answer in list(answers.items()):  # those the flow has not taken yet
+        for name, ref in refs.items():
+            answer = ref()
+            if answer is None:
+                continue  # taken by the flow
             try:
                 answer.set_exception(
                     WorkerFailed(name, f"round {rnd}'s training task ended without its answer")
@@ -392,8 +450,6 @@ def submit_fleet_training(
         group.wrapped_future.add_done_callback(unanswered)
     else:
         group.add_done_callback(unanswered)
-    # the very dict: the flow pops each answer as it takes it (flows/streamed_round.py), so
-    # neither this callback nor the task keeps a folded update alive until the round task ends
     return cast(dict[str, TrainingFuture], answers)
 
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import torch
 from prefect import Task, get_run_logger, task
@@ -139,6 +139,36 @@ def train_on_worker(
 
 
 @task(
+    name="train",
+    task_run_name="train-{worker}-r{round:02d}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=[2, 5],
+    retry_condition_fn=is_transient,
+)
+def train_answering(
+    session: WorkerSession,
+    worker: str,
+    round: int,
+    request: TrainRequest,
+    timeout: float,
+    answer: Future[Update],
+) -> None:
+    """`train_on_worker`, its update put in `answer` rather than returned.
+
+    A returned update stays in Prefect's state of the task run, and Prefect's future and its
+    thread's future refer to each other (a done callback): after the flow has let go of the
+    future, a worker's whole model waits for Python's cycle collector, and between full
+    collections the coordinator's memory grows by about a model per worker-round. Answered
+    into a plain future, it is freed as soon as the flow has taken it and let the future go.
+    An error is raised as `train_on_worker`'s (its retries, the task run failed); the caller
+    puts the final one in the answer (flows/rounds.py)."""
+    stamp_task_run(worker)
+    answer.set_result(session.train(request, timeout))
+
+
+@task(
     name="train-fleet",
     task_run_name="train-r{round:02d}",
     cache_policy=NO_CACHE,
@@ -148,7 +178,7 @@ def train_fleet(
     round: int,
     calls: Mapping[str, tuple[WorkerSession, TrainRequest]],
     timeout: float,
-    answers: Mapping[str, Future[Update]],
+    answers: Mapping[str, Callable[[], Future[Update] | None]],
 ) -> None:
     """One round of local training on every worker of a large fleet, as one task run.
 
@@ -156,8 +186,9 @@ def train_fleet(
     small worker-round itself (its states, events and log lines), and tens of them a round are
     more than a person reads in the UI; so past `tracking.worker_tasks_up_to` trainers a round
     trains in this one task (flows/rounds.py). Each worker's validated update, or its error,
-    goes to its future in `answers` the moment it is in, so the flow folds updates as they
-    arrive; its log lines are this task run's. A transient failure (`FedError.transient`) is
+    goes to its future (`answers` holds weak references: the flow owns the futures and lets
+    each go once it has folded its update) the moment it is in, so the flow folds updates as
+    they arrive; its log lines are this task run's. A transient failure (`FedError.transient`) is
     tried again as `train_on_worker`'s retries do: twice, after 2 s and 5 s.
     """
     run_id = task_run.get_id()
@@ -167,18 +198,18 @@ def train_fleet(
 
 
 def _train_into(
-    answer: Future[Update],
+    answer: Callable[[], Future[Update] | None],
     session: WorkerSession,
     request: TrainRequest,
     timeout: float,
     run_id: Any,
 ) -> None:
-    """`session.train`, its update or its last error put in `answer` (see `train_fleet`)."""
+    """`session.train`, its update or its last error put in `answer()` (see `train_fleet`)."""
     stamp_worker_logs(session.name, run_id)
     delays = [2.0, 5.0]
     while True:
         try:
-            answer.set_result(session.train(request, timeout))
+            _settle(answer, session.train(request, timeout))
             return
         except FedError as exc:
             if exc.transient and delays:
@@ -187,11 +218,26 @@ def _train_into(
                 )
                 time.sleep(delays.pop(0))
                 continue
-            answer.set_exception(exc)
+            _settle(answer, error=exc)
             return
         except BaseException as exc:  # noqa: BLE001 - the flow reports it as this worker's failure
-            answer.set_exception(exc)
+            _settle(answer, error=exc)
             return
+
+
+def _settle(
+    answer: Callable[[], Future[Update] | None],
+    update: Update | None = None,
+    error: BaseException | None = None,
+) -> None:
+    """Put `update` (or `error`) in the future `answer` refers to, if the flow still holds it."""
+    future = answer()
+    if future is None or future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(cast(Update, update))
 
 
 @task(

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import weakref
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def test_the_fleet_task_answers_each_worker_and_asks_a_dropped_one_again(
             name: (s, TrainRequest(1, cfg.plan(1), 7, weights)) for name, s in sessions.items()
         }
         answers: dict[str, Future[Update]] = {name: Future() for name in sessions}
-        train_fleet.fn(1, calls, 120.0, answers)
+        train_fleet.fn(1, calls, 120.0, {n: weakref.ref(f) for n, f in answers.items()})
         got = {name: f.result(0) for name, f in answers.items()}
         assert [u.worker for u in got.values()] == ["alice", "bob", "charlie"]
         assert got["alice"].num_examples == 24754  # its program restarted, then it trained
@@ -47,7 +48,7 @@ def test_the_fleet_task_answers_each_worker_and_asks_a_dropped_one_again(
 
         # an error that is not transient is the worker's answer, not retried
         late: dict[str, Future[Update]] = {"bob": Future()}
-        train_fleet.fn(2, {"bob": calls["bob"]}, 1e-6, late)
+        train_fleet.fn(2, {"bob": calls["bob"]}, 1e-6, {"bob": weakref.ref(late["bob"])})
         with pytest.raises(WorkerTimeout, match="bob"):
             late["bob"].result(0)
     finally:
