@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 import torch
 from prefect import Task, get_run_logger, task
@@ -121,15 +121,25 @@ def start_worker(session: WorkerSession, timeout: float) -> Hello:
     return session.hello(timeout)
 
 
-@task(
-    name="train",
-    task_run_name="train-{worker}-r{round:02d}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=2,
-    retry_delay_seconds=[2, 5],
-    retry_condition_fn=is_transient,
-)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def train_task(fn: Callable[P, R]) -> Task[P, R]:
+    """A worker's `train-<worker>-rNN` task: its name in the UI, no cache, no persisted result,
+    retried twice (after 2 s and 5 s) when its error is transient."""
+    return task(
+        name="train",
+        task_run_name="train-{worker}-r{round:02d}",
+        cache_policy=NO_CACHE,
+        persist_result=False,
+        retries=2,
+        retry_delay_seconds=[2, 5],
+        retry_condition_fn=is_transient,
+    )(fn)
+
+
+@train_task
 def train_on_worker(
     session: WorkerSession, worker: str, round: int, request: TrainRequest, timeout: float
 ) -> Update:
@@ -138,15 +148,7 @@ def train_on_worker(
     return session.train(request, timeout)
 
 
-@task(
-    name="train",
-    task_run_name="train-{worker}-r{round:02d}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=2,
-    retry_delay_seconds=[2, 5],
-    retry_condition_fn=is_transient,
-)
+@train_task
 def train_answering(
     session: WorkerSession,
     worker: str,
