@@ -19,9 +19,10 @@ block `control_delta`; each block is clipped to the range the Setup states befor
 
 SCAFFOLD: the server sees only the sum of the control deltas, so it acknowledges every device
 whose masked input it summed; the device's pending c_i is set to what it actually contributed
-(the clipped and quantised delta), and a device that was not in step with the server contributes
-a zero delta and is in step again from the next round (a restarted device's old c_i stays in the
-server's c; see flows/secure_round.py).
+(the clipped and quantised delta). A device that was not in step with the server (a new process:
+its c_i is gone, while the server's c still counts it) contributes a zero delta and says so in
+the clear (`control_lost`); the server cannot take one device's share out of a sum, so every
+device's c_i and the server's c start again at 0 (fedcore/strategies_sum.py).
 
 Nothing here is logged about the update itself (its norm, its clipping): a worker's log lines
 reach the coordinator. `cryptography` is imported only when a round starts (fedcore.privacy.
@@ -33,6 +34,7 @@ Runs on the device (Python 3.8, torch, the standard library; `cryptography` for 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
@@ -195,6 +197,8 @@ class SecAggWorker:
             )
             self._contributed(device, rnd, values[CONTROL_DELTA])
         masked = device.mask(relayed, values)
+        if scaffold and update.extras.get(CONTROL_DELTA) is None:
+            masked = dataclasses.replace(masked, control_lost=True)
         log.info("round %d: masked input sent", rnd)
         return messages.encode(masked)
 

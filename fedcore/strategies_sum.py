@@ -7,7 +7,8 @@ rounding: the unweighted average is global + sum / count (mean, fedavg unweighte
 stepped to by the server optimizer when there is one (fedavgm, fedadam, fedyogi, fedadagrad);
 SCAFFOLD's server control variate c = (1/N) sum_j c_j is kept as N c plus the round's control
 deltas, since no single c_j is ever seen, and every device in the sum is acknowledged (its
-`control_base` names the round, so its c_i stays in step). A strategy that needs single updates
+`control_base` names the round, so its c_i stays in step); when a device in the sum says it lost
+its c_i (a new process), c and every c_i start again at 0. A strategy that needs single updates
 (a robust rule, sample weighting) is refused by name.
 
 It works on the strategy objects from outside (FedOpt's weighting, rule and server optimizer;
@@ -18,6 +19,7 @@ until then.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -27,6 +29,8 @@ from .strategies import Strategy
 from .strategies.aggregate import floating_spec
 from .strategies.fedopt import FedOpt
 from .strategies.scaffold import Scaffold
+
+log = logging.getLogger(__name__)
 
 
 def aggregate_sum(
@@ -38,6 +42,7 @@ def aggregate_sum(
     count: int,
     survivors: Sequence[str] = (),
     absent: Sequence[str] = (),
+    lost: Sequence[str] = (),
 ) -> Weights:
     """The next global weights from the sum of `count` devices' deltas, as `strategy.aggregate`
     would give from their single updates (up to float rounding).
@@ -50,6 +55,8 @@ def aggregate_sum(
         count: how many devices the sums hold (>= 1).
         survivors: SCAFFOLD: the devices in the sum (their deltas are acknowledged).
         absent: SCAFFOLD: the round's devices that are not (they still count in N).
+        lost: SCAFFOLD: survivors that no longer hold the c_i the server counts for them (a
+            new process); c and every device's c_i then start again at 0.
 
     Raises:
         ValueError: a strategy that needs single updates, a missing or unexpected control sum,
@@ -62,6 +69,8 @@ def aggregate_sum(
             raise ValueError(f"round {round}: SCAFFOLD needs the sum of the control deltas")
         weights = _fedopt_step(strategy.model_step, global_weights, delta_sum, count)
         _scaffold_control(strategy, round, global_weights, control_sum, survivors, absent)
+        if lost:
+            _scaffold_restart(strategy, round, lost)
         return weights
     if isinstance(strategy, FedOpt):
         if control_sum is not None:
@@ -126,3 +135,22 @@ def _scaffold_control(
     strategy._c = c
     for name in survivors:
         strategy._bases[name] = round
+
+
+def _scaffold_restart(strategy: Scaffold, round: int, lost: Sequence[str]) -> None:
+    """Start SCAFFOLD's control variates again at 0 on every side. Device(s) `lost` no longer
+    hold the c_i that the server's sum still counts (a new process starts from 0), and no single
+    c_i can be taken out of a sum the server never saw in parts: left there, it would bias every
+    device's correction for the rest of the training. With c = 0 and every base 0, each device
+    drops its c_i on its next request (`control_base` 0, fedcore.local_algorithms) and
+    c = mean c_j holds again, at the cost of the correction built so far."""
+    log.warning(
+        "round %d: %s lost its SCAFFOLD control variate (new process?); under secure "
+        "aggregation one device's share cannot be taken out of the server's c, so every "
+        "device's control variate starts again at 0",
+        round,
+        ", ".join(lost),
+    )
+    strategy._c = None
+    for name in strategy._population:
+        strategy._bases[name] = 0

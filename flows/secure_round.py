@@ -77,6 +77,7 @@ class SecureRound:
     bytes_down: dict[str, int] = field(default_factory=dict)  # coordinator -> device
     bytes_up: dict[str, int] = field(default_factory=dict)  # device -> coordinator
     trained: list[str] = field(default_factory=list)  # devices sent the train request
+    control_lost: list[str] = field(default_factory=list)  # SCAFFOLD: in the sum, c_i lost
 
 
 def check_devices(sessions: Mapping[str, WorkerSession], names: Sequence[str]) -> None:
@@ -244,6 +245,9 @@ def exchange(
         reveals = phase({n: messages.encode(r) for n, r in unmask.items()}, messages.UnmaskShares)
         out.result = coordinator.collect_unmask(reveals)
         refused()
+        out.control_lost = [
+            n for n in out.result.survivors if n in masked and masked[n].control_lost
+        ]
     except SecAggAborted as exc:
         raise SecAggAborted(
             f"{exc}; dropped: "
@@ -359,6 +363,7 @@ def _secure_once(
         result.count,
         result.survivors,
         absent,
+        lost=done.control_lost,
     )
     logger.info(
         "Round %d: secure sum of %d updates (%s) in %.1fs; %.2f MB down, %.2f MB up per device",

@@ -11,6 +11,7 @@ A round (Bonawitz et al. 2017, Fig. 4, honest-but-curious server; SecAgg+ graph,
                                  its s private key and self-mask seed b; a SHA-256 commitment to b
   RelayedShares  coord -> device the ciphertexts addressed to it (their senders: who masks)
   MaskedInput    device -> coord y = x + PRG(b) +/- PRG(s_uv) for each neighbour v, mod 2^32
+                                 (SCAFFOLD: and `control_lost` when it lost its c_i)
   UnmaskRequest  coord -> device the survivors (devices whose masked input arrived)
   UnmaskShares   device -> coord shares of b for surviving neighbours, of s for dropped ones
 
@@ -100,6 +101,9 @@ class MaskedInput:
     round: int
     sender: str
     vector: torch.Tensor  # int64, entries 0..2^32 - 1
+    # SCAFFOLD: the device no longer holds the control variate the server counts for it (a new
+    # process): it says only that, in the clear, so the server can start every c_i again at 0
+    control_lost: bool = False
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,8 @@ def encode(msg: Message) -> bytes:
         signed = torch.where(v >= 2**31, v - 2**32, v).to(torch.int32).contiguous()
         payload = ctypes.string_at(signed.data_ptr(), signed.numel() * 4)
         meta = {"sender": msg.sender, "length": int(signed.numel())}
+        if msg.control_lost:
+            meta["control_lost"] = True
     elif isinstance(msg, UnmaskRequest):
         meta = {"survivors": list(msg.survivors)}
     else:
@@ -253,6 +259,8 @@ def decode_meta(meta: Mapping[str, Any], payload: bytes, length: Optional[int] =
         UnmaskRequest: {"survivors"},
         UnmaskShares: {"sender", "seed_shares", "key_shares"},
     }[cls] | {"type", "round"}
+    if cls is MaskedInput and "control_lost" in meta:
+        fields = fields | {"control_lost"}  # only when true, so older devices still decode
     if set(meta) != fields:
         raise WireError(f"{kind}: fields {sorted(meta)} differ from the expected {sorted(fields)}")
     what = str(kind)
@@ -295,8 +303,12 @@ def decode_meta(meta: Mapping[str, Any], payload: bytes, length: Optional[int] =
             raise WireError(f"{what} has {n} entries, this round's input has {length}")
         if len(payload) != 4 * n:
             raise WireError(f"{what} payload is {len(payload)} bytes, expected {4 * n}")
+        lost = meta.get("control_lost", False)
+        if lost is not True and "control_lost" in meta:
+            raise WireError(f"{what} control_lost must be true if sent, got {wire.quote(lost)}")
         vector = torch.frombuffer(bytearray(payload), dtype=torch.int32).to(torch.int64)
-        return MaskedInput(rnd, _name(meta["sender"], f"{what} sender"), vector & 0xFFFFFFFF)
+        sender = _name(meta["sender"], f"{what} sender")
+        return MaskedInput(rnd, sender, vector & 0xFFFFFFFF, control_lost=lost is True)
     if cls is UnmaskRequest:
         return UnmaskRequest(rnd, _names(meta["survivors"], f"{what} survivors"))
     return UnmaskShares(

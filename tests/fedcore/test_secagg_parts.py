@@ -170,6 +170,23 @@ def test_a_masked_input_of_the_wrong_size_is_refused() -> None:
         messages.decode(frame)  # and refused without one
 
 
+def test_a_masked_input_says_only_true_of_a_lost_control_variate() -> None:
+    v = torch.zeros(8, dtype=torch.int64)
+    frame = messages.encode(MaskedInput(3, "bob", v, control_lost=True))
+    back = messages.decode(frame, 8)
+    assert isinstance(back, MaskedInput) and back.control_lost is True
+    assert wire.decode_frame(messages.encode(MaskedInput(3, "bob", v)), 64)[0].keys() == {
+        "type",
+        "round",
+        "sender",
+        "length",
+    }  # absent unless true: a device that predates the field decodes the same
+    meta, payload = wire.decode_frame(frame, 64)
+    for bad in (False, "yes", 1):
+        with pytest.raises(WireError, match="control_lost must be true if sent"):
+            messages.decode_meta({**meta, "control_lost": bad}, payload, 8)
+
+
 def _setup_meta(**changes: object) -> dict:
     meta = {
         "type": "secagg_setup",

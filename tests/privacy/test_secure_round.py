@@ -269,3 +269,44 @@ def test_a_device_without_cryptography_is_refused(mnist_dir: Path, tmp_path: Pat
     finally:
         for session in sessions.values():
             session.close()
+
+
+def test_a_restarted_device_restarts_every_scaffold_control_variate(
+    workers: dict[str, WorkerSession],
+) -> None:
+    """SCAFFOLD under secure aggregation: the server's c is a sum it never saw in parts, so when
+    a device comes back as a new process (its c_i gone, still counted in c) it says so in its
+    masked input, and c and every device's c_i start again at 0: from the next round c is the
+    mean of the devices' new c_i again (the sum of their deltas over 3)."""
+    from fedcore.strategies.scaffold import Scaffold
+
+    strategy = Scaffold("unweighted")
+    plan = TrainPlan(steps=3, batch_size=16, lr=0.1, scaffold=True)
+    blocks = (BLOCK, Block("control_delta", LENGTH, clip_norm=50.0, bound=10.0))
+    weights = initial_weights(1)
+
+    def secure_round(rnd: int) -> list[str]:
+        reqs = {
+            n: TrainRequest(rnd, plan, derive_seed(1, n, rnd), weights, strategy.extras_for(n, rnd))
+            for n in NAMES
+        }
+        done = exchange(workers, messages.Setup(rnd, NAMES, 2, 2, 7, blocks), reqs, timeout=120)
+        assert done.result.count == 3
+        control = sum_tensors(done.result, "control_delta", SPEC)
+        delta_sum = sum_tensors(done.result, "delta", SPEC)
+        survivors = done.result.survivors
+        aggregate_sum(
+            strategy, rnd, weights, delta_sum, control, 3, survivors, lost=done.control_lost
+        )
+        return done.control_lost
+
+    assert secure_round(11) == [] and secure_round(12) == []
+    assert strategy.control is not None and float(strategy.control["fc1.weight"].abs().sum()) > 0
+    old = workers["charlie"].hello(timeout=120).pid
+    workers["charlie"].kill()
+    assert workers["charlie"].hello(timeout=120).pid != old  # a new process: its c_i is gone
+    assert secure_round(13) == ["charlie"]
+    assert strategy.control is None  # c = 0, and every device is told its c_i is 0 now
+    assert {int(strategy.extras_for(n, 14)["control_base"]["round"]) for n in NAMES} == {0}
+    assert secure_round(14) == []  # every device in step again, from 0
+    assert {int(strategy.extras_for(n, 15)["control_base"]["round"]) for n in NAMES} == {14}
