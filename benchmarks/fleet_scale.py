@@ -16,12 +16,15 @@ out: the window runs from round 1's record (its timeline line's wall clock) to t
   worker between fleet sizes (target: below one model, 1.7 MB); RSS at round 1: its resident
   memory at round 1's record, where the window starts (peak minus it: what the rounds added).
 
-`--before DIR`: an earlier checkout (for example `git archive HEAD | tar -x -C DIR`) runs the
-same configs alternately, side by side. `--lab N`: also N devices of the SSH lab (fedlab, real
-sshd, one Linux user each, under `flock /tmp/fedmnist-lab.lock`), the coordinator the same.
+`--repeats K`: K runs of every size and version, alternated; a row gives each figure's median
+and every run's peak RSS (a run's peak moves by several MB from run to run, as much as a few
+added workers' share). `--before DIR`: an earlier checkout (for example `git archive HEAD |
+tar -x -C DIR`) runs the same configs alternately, side by side. `--lab N`: also N devices of
+the SSH lab (fedlab, real sshd, one Linux user each, under `flock /tmp/fedmnist-lab.lock`), the
+coordinator the same.
 
-    .venv/bin/python benchmarks/fleet_scale.py [--sizes 3,10,30] [--rounds 8] [--lab 10]
-        [--before DIR [--before-name before]] [--out benchmarks/results/fleet_scale]
+    .venv/bin/python benchmarks/fleet_scale.py [--sizes 3,10,30] [--rounds 8] [--repeats 3]
+        [--lab 10] [--before DIR [--before-name before]] [--out benchmarks/results/fleet_scale]
 """
 
 from __future__ import annotations
@@ -191,6 +194,19 @@ def figures(rounds: list[dict[str, Any]], samples: list[tuple]) -> dict[str, Any
     }
 
 
+def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Repeated runs of one size and version as one row: each figure's median over the runs
+    (the per-round peaks and the load those of the run of median peak RSS), and every run's
+    peak RSS, so the spread shows."""
+    ranked = sorted(rows, key=lambda r: r["peak_rss_mb"])
+    row = dict(ranked[(len(ranked) - 1) // 2])
+    for key, value in rows[0].items():
+        if isinstance(value, float):
+            row[key] = statistics.median(r[key] for r in rows)
+    row["peak_rss_runs_mb"] = [r["peak_rss_mb"] for r in rows]
+    return row
+
+
 def lab_workers(n: int, data_dir: Path, lab_dir: Path) -> list[dict[str, Any]]:
     """N lab devices up in `lab_dir`, each with an IID part; their inventory, one thread each."""
     from fedcore.shards import ShardSpec
@@ -230,6 +246,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="3,10,30", help="local fleet sizes (3,10,30)")
     p.add_argument("--rounds", type=int, default=8, help="rounds per run (8; round 1 not counted)")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="runs per size and version, alternated (1)"
+    )
     p.add_argument("--lab", type=int, default=0, help="also this many SSH lab devices (0: none)")
     p.add_argument("--before", type=Path, help="an earlier checkout, run alternately")
     p.add_argument("--before-name", default="before", help="its name in the table (before)")
@@ -243,10 +262,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedmnist-scale-cfg-") as tmp:
         for n in sizes:
             config = fleet_config(local_workers(n), args.rounds, Path(tmp) / f"f{n}.yaml", f"f{n}")
-            for name, root in variants.items():
-                row = run_fleet(root, config)
-                table[name].append(row)
-                print(name, json.dumps(row), flush=True)
+            runs: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
+            for _ in range(args.repeats):
+                for name, root in variants.items():
+                    row = run_fleet(root, config)
+                    runs[name].append(row)
+                    print(name, json.dumps(row), flush=True)
+            for name, rows in runs.items():
+                table[name].append(median_row(rows))
         if args.lab:
             row = run_lab(args.lab, args.rounds, Path(tmp))
             table["product (SSH lab)"] = [row]
@@ -255,7 +278,13 @@ def main() -> None:
         for a, b in zip(rows, rows[1:], strict=False):
             added = b["trainers"] - a["trainers"]
             b["rss_mb_per_added_worker"] = (b["peak_rss_mb"] - a["peak_rss_mb"]) / added
-    result = {"rounds": args.rounds, "sizes": sizes, "table": table, "load": os.getloadavg()}
+    result = {
+        "rounds": args.rounds,
+        "sizes": sizes,
+        "repeats": args.repeats,
+        "table": table,
+        "load": os.getloadavg(),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     args.out.with_suffix(".md").write_text(markdown(result))
@@ -265,22 +294,23 @@ def main() -> None:
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Fleet scale: one coordinator, {result['rounds']} rounds of 2 local steps "
-        "(round 1 left out)",
+        f"(round 1 left out), the median of {result.get('repeats', 1)} run(s) each",
         "",
         "| version | trainers | round wall s (median) | coordinator CPU ms per worker-round "
         "| Prefect server CPU ms per worker-round | coordinator RSS MB at round 1 "
-        "| coordinator peak RSS MB | RSS MB per added worker | fold s | aggregate s "
+        "| coordinator peak RSS MB (each run) | RSS MB per added worker | fold s | aggregate s "
         "| load average (1, 5, 15 min) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in result["table"].items():
         for r in rows:
             per = r.get("rss_mb_per_added_worker")
+            runs = ", ".join(f"{x:.0f}" for x in r.get("peak_rss_runs_mb", [r["peak_rss_mb"]]))
             lines.append(
                 f"| {name} | {r['trainers']} | {r['round_wall_s']:.3f} "
                 f"| {r['coordinator_ms_per_worker_round']:.1f} "
                 f"| {r['prefect_server_ms_per_worker_round']:.1f} | {r['rss_at_round_1_mb']:.0f} "
-                f"| {r['peak_rss_mb']:.0f} "
+                f"| {r['peak_rss_mb']:.0f} ({runs}) "
                 f"| {'' if per is None else f'{per:.2f}'} | {r['fold_s']:.3f} "
                 f"| {r['aggregate_s']:.3f} | {', '.join(f'{x:.1f}' for x in r['load'])} |"
             )

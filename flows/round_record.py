@@ -26,6 +26,7 @@ from fedcore import timeline
 from fedcore.evaluation import EvalResult
 from fedcore.resume import write_round
 from fedcore.strategies.base import StrategyState
+from flows.allocator import release_free_memory
 from tasks.tracking import eval_metrics, round_metrics
 
 if TYPE_CHECKING:
@@ -98,6 +99,7 @@ def record_round(
         result.seconds,
         losses,
     )
+    release_free_memory()  # what the round freed, back to the system (flows/allocator.py)
 
 
 @dataclass(frozen=True)

@@ -371,30 +371,45 @@ def submit_worker_training(
     requests: Mapping[str, TrainRequest],
     timeout: float,
 ) -> dict[str, TrainingFuture]:
-    """A `train-<worker>-rNN` task for every request; a future per worker, answered by the task
-    (tasks/workers.py `train_answering`: Prefect's state of it never holds the update), or,
-    should the task run end without answering, failed with its error."""
-    answers: dict[str, Future[Update]] = {}
-    for name, request in requests.items():
-        answer: Future[Update] = Future()
-        answers[name] = answer
-        run = train_answering.submit(
-            sessions[name],
-            name,
-            rnd,
-            unwalked(request),  # else Prefect walks the request's tensors for futures
-            timeout,
-            unwalked(answer),
-        )
-        # weakly: Prefect's future and its thread's keep this callback until the cycle
-        # collector frees them; the answer (its update) must go when the flow lets it go
-        settle = partial(fail_unanswered, weakref.ref(answer), name, rnd)
-        if isinstance(run, PrefectConcurrentFuture):
-            run.wrapped_future.add_done_callback(settle)
-        else:
-            run.add_done_callback(settle)
-        del answer
-    return cast(dict[str, TrainingFuture], answers)
+    """A `train-<worker>-rNN` task for every request; a future per worker (`submit_answering`)."""
+    return {
+        name: submit_answering(sessions[name], name, rnd, request, timeout)
+        for name, request in requests.items()
+    }
+
+
+def submit_answering(
+    session: WorkerSession,
+    name: str,
+    rnd: int,
+    request: TrainRequest,
+    timeout: float,
+    task_run_name: str | None = None,
+) -> Future[Update]:
+    """Worker `name`'s training as a task run (named `task_run_name`, else `train-<worker>-rNN`);
+    a future answered by the task (tasks/workers.py `train_answering`: Prefect's state of it
+    never holds the update), or, should the task run end without answering, failed with its
+    error."""
+    answer: Future[Update] = Future()
+    task = train_answering
+    if task_run_name is not None:
+        task = task.with_options(task_run_name=task_run_name)
+    run = task.submit(
+        session,
+        name,
+        rnd,
+        unwalked(request),  # else Prefect walks the request's tensors for futures
+        timeout,
+        unwalked(answer),
+    )
+    # weakly: Prefect's future and its thread's keep this callback until the cycle collector
+    # frees them; the answer (its update) must go when the flow lets it go
+    settle = partial(fail_unanswered, weakref.ref(answer), name, rnd)
+    if isinstance(run, PrefectConcurrentFuture):
+        run.wrapped_future.add_done_callback(settle)
+    else:
+        run.add_done_callback(settle)
+    return answer
 
 
 def fail_unanswered(

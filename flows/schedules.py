@@ -20,10 +20,10 @@ from __future__ import annotations
 import math
 import queue
 import time
+from concurrent.futures import Future, wait
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.futures import PrefectFuture
 
 from fedcore.errors import QuorumNotReached
 from fedcore.model import initial_weights, num_parameters
@@ -40,23 +40,24 @@ from flows.rounds import (
     collect_update,
     evaluate_if_due,
     rejection,
+    submit_answering,
     training_summary,
 )
 from tasks.aggregation import aggregate
-from tasks.workers import train_on_worker
 
-Done = tuple[Job, PrefectFuture[Update]]
+Done = tuple[Job, Future[Update]]
 
 
 class JobQueue:
-    """The jobs in flight as Prefect futures, and the order in which they are taken: as they
-    complete (`clock: wall`), or in the order they are due on the paced clock (`clock: paced`,
-    waiting for the one due first however the others fare)."""
+    """The jobs in flight as futures of their updates (flows/rounds.py `submit_answering`: a
+    task run each, whose Prefect state never holds the update), and the order in which they are
+    taken: as they complete (`clock: wall`), or in the order they are due on the paced clock
+    (`clock: paced`, waiting for the one due first however the others fare)."""
 
     def __init__(self, paced: bool) -> None:
         self.paced = paced
         self._done: queue.Queue[Done] = queue.Queue()
-        self._futures: dict[str, PrefectFuture[Update]] = {}
+        self._futures: dict[str, Future[Update]] = {}
 
     def now(self, fleet: Fleet) -> float:
         """The clock the schedule's grace and deadline are measured on."""
@@ -73,9 +74,13 @@ class JobQueue:
             weights,
             ctx.strategy.extras_for(job.worker, job.number),
         )
-        task = train_on_worker.with_options(task_run_name=f"train-{job.worker}-v{job.base:03d}")
-        future = task.submit(
-            ctx.sessions[job.worker], job.worker, job.number, request, cfg.timeouts.train
+        future = submit_answering(
+            ctx.sessions[job.worker],
+            job.worker,
+            job.number,
+            request,
+            cfg.timeouts.train,
+            task_run_name=f"train-{job.worker}-v{job.base:03d}",
         )
         self._futures[job.worker] = future
         if not self.paced:
@@ -88,7 +93,7 @@ class JobQueue:
             if job is None or job.due > until:
                 return None
             future = self._futures[job.worker]
-            future.wait()
+            wait([future])
             return job, future
         try:
             timeout = None if until == math.inf else max(0.0, until - time.monotonic())
