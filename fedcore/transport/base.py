@@ -62,7 +62,8 @@ class Pipe(abc.ABC):
 
     @abc.abstractmethod
     def send(self, data: bytes, timeout: float | None = None) -> None:
-        """Write all of `data` within `timeout` seconds (None: the pipe's own send deadline).
+        """Write all of `data` within `timeout` seconds and within the pipe's own send deadline,
+        where it has one (None: that deadline alone).
 
         Raises:
             TimeoutError: the worker took no input until the deadline (it is wedged).

@@ -48,7 +48,9 @@ class LocalPipe(Pipe):
         self._stderr_thread = start_pump(f"stderr-{name}", lambda: os.read(err, 65536), self.stderr)
 
     def send(self, data: bytes, timeout: float | None = None) -> None:
-        seconds = self.send_timeout if timeout is None else timeout
+        # an idle worker takes a request in at once: past its send deadline it is wedged, even
+        # while the call's own deadline (a training's) is further away
+        seconds = self.send_timeout if timeout is None else min(timeout, self.send_timeout)
         deadline = time.monotonic() + seconds
         view = memoryview(data)
         while view:

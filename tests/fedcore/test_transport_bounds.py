@@ -115,6 +115,7 @@ def test_a_wedged_local_worker_times_out_the_send_naming_it(mnist_dir: Path) -> 
             session.train(request, timeout=60)
         msg = str(info.value)
         assert "'alice'" in msg and f"local worker alice (pid {pipe.proc.pid}) took no input" in msg
+        assert "took no input for 1s" in msg  # the send's own deadline, not the training's 60 s
         assert not info.value.transient
         assert session._pipe is None  # dropped: the next call starts a fresh worker
         assert pipe.proc.poll() is not None  # and the wedged one was killed
