@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 
@@ -29,25 +30,28 @@ M_ARENA_MAX = -8  # mallopt's parameter number (glibc malloc.h)
 ARENAS = 2
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """This process's glibc, looked up once (`find_library` runs `ldconfig`); None elsewhere."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def limit_arenas(arenas: int = ARENAS) -> bool:
     """Cap glibc's malloc arenas for this process; returns whether it was set. Call it before
     the threads that allocate start."""
-    if os.environ.get("MALLOC_ARENA_MAX") or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None or os.environ.get("MALLOC_ARENA_MAX"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):
-        return False
+    return bool(libc.mallopt(M_ARENA_MAX, arenas))
 
 
 def release_free_memory() -> bool:
     """Give the free pages glibc's arenas hold back to the system (`malloc_trim(0)`); returns
     whether any were. Called at the end of every round (flows/round_record.py)."""
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))

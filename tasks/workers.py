@@ -140,15 +140,6 @@ def train_task(fn: Callable[P, R]) -> Task[P, R]:
 
 
 @train_task
-def train_on_worker(
-    session: WorkerSession, worker: str, round: int, request: TrainRequest, timeout: float
-) -> Update:
-    """One round of local training on `worker`; returns its validated update."""
-    stamp_task_run(worker)
-    return session.train(request, timeout)
-
-
-@train_task
 def train_answering(
     session: WorkerSession,
     worker: str,
@@ -157,15 +148,16 @@ def train_answering(
     timeout: float,
     answer: Future[Update],
 ) -> None:
-    """`train_on_worker`, its update put in `answer` rather than returned.
+    """One round of local training on `worker`; its validated update put in `answer`, not
+    returned.
 
     A returned update stays in Prefect's state of the task run, and Prefect's future and its
     thread's future refer to each other (a done callback): after the flow has let go of the
     future, a worker's whole model waits for Python's cycle collector, and between full
     collections the coordinator's memory grows by about a model per worker-round. Answered
     into a plain future, it is freed as soon as the flow has taken it and let the future go.
-    An error is raised as `train_on_worker`'s (its retries, the task run failed); the caller
-    puts the final one in the answer (flows/rounds.py)."""
+    An error is raised (the task's retries, then the task run failed); the caller puts the
+    final one in the answer (flows/rounds.py)."""
     stamp_task_run(worker)
     answer.set_result(session.train(request, timeout))
 
@@ -191,7 +183,7 @@ def train_fleet(
     goes to its future (`answers` holds weak references: the flow owns the futures and lets
     each go once it has folded its update) the moment it is in, so the flow folds updates as
     they arrive; its log lines are this task run's. A transient failure (`FedError.transient`) is
-    tried again as `train_on_worker`'s retries do: twice, after 2 s and 5 s.
+    tried again as `train_answering`'s retries do: twice, after 2 s and 5 s.
     """
     run_id = task_run.get_id()
     with ThreadPoolExecutor(len(calls), thread_name_prefix=f"train-r{round:02d}") as pool:

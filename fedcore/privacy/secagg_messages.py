@@ -303,12 +303,13 @@ def decode_meta(meta: Mapping[str, Any], payload: bytes, length: Optional[int] =
             raise WireError(f"{what} has {n} entries, this round's input has {length}")
         if len(payload) != 4 * n:
             raise WireError(f"{what} payload is {len(payload)} bytes, expected {4 * n}")
-        lost = meta.get("control_lost", False)
-        if lost is not True and "control_lost" in meta:
-            raise WireError(f"{what} control_lost must be true if sent, got {wire.quote(lost)}")
+        lost = "control_lost" in meta
+        if lost and meta["control_lost"] is not True:
+            got = wire.quote(meta["control_lost"])
+            raise WireError(f"{what} control_lost must be true if sent, got {got}")
         vector = torch.frombuffer(bytearray(payload), dtype=torch.int32).to(torch.int64)
         sender = _name(meta["sender"], f"{what} sender")
-        return MaskedInput(rnd, sender, vector & 0xFFFFFFFF, control_lost=lost is True)
+        return MaskedInput(rnd, sender, vector & 0xFFFFFFFF, control_lost=lost)
     if cls is UnmaskRequest:
         return UnmaskRequest(rnd, _names(meta["survivors"], f"{what} survivors"))
     return UnmaskShares(

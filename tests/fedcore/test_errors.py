@@ -55,23 +55,23 @@ def test_anything_else_is_a_plain_failure(exc: object) -> None:
 def test_the_retry_condition_follows_the_table(cls: type[FedError]) -> None:
     from prefect.states import Failed
 
-    from tasks.workers import is_transient, train_on_worker
+    from tasks.workers import is_transient, train_answering
 
     # Prefect's task engine hands retry_condition_fn the failure as Failed(data=exception).
-    assert is_transient(train_on_worker, None, Failed(data=_make(cls))) is TABLE[cls][1]
+    assert is_transient(train_answering, None, Failed(data=_make(cls))) is TABLE[cls][1]
 
 
 def test_other_exceptions_are_never_retried() -> None:
     from prefect.states import Failed
 
-    from tasks.workers import is_transient, train_on_worker
+    from tasks.workers import is_transient, train_answering
 
     for exc in (RuntimeError("boom"), TimeoutError("late"), ConnectionError("gone")):
-        assert is_transient(train_on_worker, None, Failed(data=exc)) is False
+        assert is_transient(train_answering, None, Failed(data=exc)) is False
 
 
 def test_every_worker_task_retries_on_that_condition() -> None:
-    from tasks.workers import evaluate_models, is_transient, start_worker, train_on_worker
+    from tasks.workers import evaluate_models, is_transient, start_worker, train_answering
 
-    for t in (start_worker, train_on_worker, evaluate_models):
+    for t in (start_worker, train_answering, evaluate_models):
         assert t.retry_condition_fn is is_transient and t.retries >= 1

@@ -394,12 +394,12 @@ def test_only_transient_worker_errors_are_retried(exc: str, retried: bool) -> No
     from prefect.states import Failed
 
     from fedcore import errors
-    from tasks.workers import is_transient, train_on_worker
+    from tasks.workers import is_transient, train_answering
 
     error = getattr(errors, exc)("alice", "what went wrong")
     # Prefect's task engine hands retry_condition_fn the failure as Failed(data=exception).
-    assert is_transient(train_on_worker, None, Failed(data=error)) is retried
-    assert train_on_worker.retry_condition_fn is is_transient and train_on_worker.retries == 2
+    assert is_transient(train_answering, None, Failed(data=error)) is retried
+    assert train_answering.retry_condition_fn is is_transient and train_answering.retries == 2
 
 
 GOOD = "deployments:\n  seed: {config_path: configs/seed.yaml, %s}\n"

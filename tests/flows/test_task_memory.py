@@ -28,9 +28,17 @@ from fedcore.protocol import TrainRequest, Update
 from fedcore.session import WorkerSession
 from flows.launch import make_session
 from flows.rounds import submit_worker_training, task_outcome
-from tasks.workers import train_on_worker
+from tasks.workers import train_task
 
 ROUNDS = 8
+
+
+@train_task
+def train_returning(
+    session: WorkerSession, worker: str, round: int, request: TrainRequest, timeout: float
+) -> Update:
+    """The former way: the train task returns the worker's update."""
+    return session.train(request, timeout)
 
 
 def live_updates() -> int:
@@ -49,7 +57,7 @@ def train_rounds(sessions: dict[str, WorkerSession], returned: bool) -> list[int
         requests = {name: TrainRequest(rnd, plan, 7, weights) for name in sessions}
         if returned:
             futures = {
-                name: train_on_worker.submit(sessions[name], name, rnd, request, 120.0)
+                name: train_returning.submit(sessions[name], name, rnd, request, 120.0)
                 for name, request in requests.items()
             }
         else:
